@@ -1,0 +1,316 @@
+//! Monolithic forwarding: every candidate of a request advances one layer at a time, so after
+//! each layer the engine sees all live candidates' scores together and can prune.
+//!
+//! Hidden states live in chunks of packed sequences (no padding), formed from the length-sorted
+//! live candidates under a token budget; a layer runs chunk by chunk, so activation memory is
+//! bounded by one chunk whatever N is. After a pruning decision the survivors are repacked into
+//! fresh chunks and the storage of pruned candidates is released.
+
+use super::full::{length_order, pack};
+use super::stats::{LayerTiming, PruneEvent, RequestStats};
+use super::{rank, Progress, Scored};
+use crate::error::Result;
+use crate::models::{PackedBatch, RerankModel};
+use crate::prune::{decide, PruneConfig, PruneMode};
+use crate::tokenize::EncodedPair;
+use candle_core::Tensor;
+use std::time::Instant;
+
+/// Tokens per chunk unless the request says otherwise: large enough that the GEMMs of a chunk
+/// keep every core busy (measured flat from 2k to 16k tokens on the MiniLM model), small enough
+/// that one chunk's activations stay in tens of MiB.
+pub const DEFAULT_CHUNK_TOKENS: usize = 4096;
+
+/// Live candidates of one chunk and their hidden states `[tokens, hidden]`.
+pub(crate) struct Chunk {
+    pub members: Vec<usize>,
+    pub batch: PackedBatch,
+    pub hidden: Tensor,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    Live,
+    Accepted { event: usize, logit: f32 },
+    Dropped,
+}
+
+/// Splits `members` (already in length order) into runs of at most `budget` tokens (a longer
+/// candidate gets a chunk of its own).
+pub(crate) fn plan_chunks(pairs: &[EncodedPair], members: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut tokens = 0;
+    for &m in members {
+        let len = pairs[m].len();
+        match out.last_mut() {
+            Some(cur) if tokens + len <= budget => {
+                cur.push(m);
+                tokens += len;
+            }
+            _ => {
+                out.push(vec![m]);
+                tokens = len;
+            }
+        }
+    }
+    out
+}
+
+/// Gathers the rows of the live members of `chunks` into new chunks under `budget`, dropping
+/// each old chunk as soon as its survivors are copied.
+fn repack(
+    chunks: Vec<Chunk>,
+    live: impl Fn(usize) -> bool,
+    pairs: &[EncodedPair],
+    budget: usize,
+) -> Result<Vec<Chunk>> {
+    // (member, old chunk, first row, len) of each survivor, in order.
+    let mut pieces = Vec::new();
+    for (ci, c) in chunks.iter().enumerate() {
+        for (j, &m) in c.members.iter().enumerate() {
+            if live(m) {
+                let (s, len) = c.batch.layout.spans[j];
+                pieces.push((m, ci, s, len));
+            }
+        }
+    }
+    let members: Vec<usize> = pieces.iter().map(|p| p.0).collect();
+    let plan = plan_chunks(pairs, &members, budget);
+    let mut old: Vec<Option<Chunk>> = chunks.into_iter().map(Some).collect();
+    let mut out = Vec::with_capacity(plan.len());
+    let mut next_piece = 0;
+    for group in plan {
+        let group_pieces = &pieces[next_piece..next_piece + group.len()];
+        next_piece += group.len();
+        let mut parts = Vec::new();
+        let mut run_chunk = usize::MAX;
+        let mut run_rows: Vec<u32> = Vec::new();
+        let flush = |ci: usize, rows: &mut Vec<u32>, parts: &mut Vec<Tensor>| -> Result<()> {
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let c = old[ci].as_ref().expect("chunk still present");
+            let idx = Tensor::from_slice(rows.as_slice(), rows.len(), c.hidden.device())?;
+            parts.push(c.hidden.index_select(&idx, 0)?);
+            rows.clear();
+            Ok(())
+        };
+        for &(_, ci, s, len) in group_pieces {
+            if ci != run_chunk {
+                if run_chunk != usize::MAX {
+                    flush(run_chunk, &mut run_rows, &mut parts)?;
+                }
+                run_chunk = ci;
+            }
+            run_rows.extend(s as u32..(s + len) as u32);
+        }
+        flush(run_chunk, &mut run_rows, &mut parts)?;
+        // Old chunks wholly consumed by now can go.
+        let last_used = group_pieces.last().map(|p| p.1).unwrap_or(0);
+        for slot in old.iter_mut().take(last_used) {
+            *slot = None;
+        }
+        let hidden = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
+        out.push(Chunk {
+            batch: pack(pairs, &group),
+            members: group,
+            hidden,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs the request layer-major and returns its top `k`, best first.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    model: &dyn RerankModel,
+    pairs: &[EncodedPair],
+    k: usize,
+    chunk_tokens: usize,
+    prune: &PruneConfig,
+    stats: &mut RequestStats,
+    progress: Option<&dyn Progress>,
+) -> Result<Vec<Scored>> {
+    let _span = tracing::debug_span!("monolithic", candidates = pairs.len(), k).entered();
+    let info = model.info().clone();
+    let num_layers = info.num_layers;
+    let n = pairs.len();
+    let budget = chunk_tokens.max(1);
+    let compute_start = Instant::now();
+
+    let order = length_order(pairs);
+    let mut chunks = Vec::new();
+    for members in plan_chunks(pairs, &order, budget) {
+        let batch = pack(pairs, &members);
+        let hidden = model.embed(&batch)?;
+        chunks.push(Chunk {
+            members,
+            batch,
+            hidden,
+        });
+    }
+
+    let mut fate = vec![Fate::Live; n];
+    let mut layers_done = vec![0u16; n];
+    let mut final_logits: Vec<(usize, f32)> = Vec::new();
+    let mut accepted = 0usize;
+    let mut live = n;
+    let mut events = 0usize;
+
+    for l in 0..num_layers {
+        let layer_no = l + 1;
+        let t = Instant::now();
+        let layer = model.layer(l)?;
+        let mut tokens = 0;
+        for chunk in chunks.iter_mut() {
+            chunk.hidden = layer.forward(&chunk.hidden, &chunk.batch)?;
+            tokens += chunk.batch.num_tokens();
+            for (&m, &(_, len)) in chunk.members.iter().zip(&chunk.batch.layout.spans) {
+                layers_done[m] += 1;
+                stats.flops += info.layer_flops(len);
+            }
+        }
+        drop(layer);
+        let is_last = layer_no == num_layers;
+        let slots = k - accepted;
+        let may_prune = !is_last
+            && prune.mode != PruneMode::Off
+            && layer_no >= prune.first_layer
+            && slots > 0
+            && live > slots;
+        if is_last || may_prune {
+            let mut ids = Vec::with_capacity(live);
+            let mut scores = Vec::with_capacity(live);
+            for chunk in &chunks {
+                ids.extend_from_slice(&chunk.members);
+                scores.extend(model.score(&chunk.hidden, &chunk.batch)?);
+            }
+            if is_last {
+                final_logits = ids.into_iter().zip(scores).collect();
+            } else {
+                let d = decide(prune, &scores, slots);
+                if !d.is_noop() {
+                    events += 1;
+                    for &p in &d.accept {
+                        fate[ids[p]] = Fate::Accepted {
+                            event: events,
+                            logit: scores[p],
+                        };
+                    }
+                    for &p in &d.drop {
+                        fate[ids[p]] = Fate::Dropped;
+                    }
+                    stats.prune_events.push(PruneEvent {
+                        layer: layer_no,
+                        live_before: live,
+                        accepted: d.accept.len(),
+                        dropped: d.drop.len(),
+                        dispersion: d.dispersion,
+                        clusters: d.clusters,
+                    });
+                    accepted += d.accept.len();
+                    live -= d.accept.len() + d.drop.len();
+                    tracing::debug!(layer = layer_no, accepted = d.accept.len(), dropped = d.drop.len(), live, "prune");
+                    chunks = repack(chunks, |m| fate[m] == Fate::Live, pairs, budget)?;
+                }
+            }
+        }
+        stats.layer_timings.push(LayerTiming {
+            layer: layer_no,
+            live_candidates: chunks.iter().map(|c| c.members.len()).sum(),
+            tokens,
+            seconds: t.elapsed().as_secs_f64(),
+            stall_seconds: 0.0,
+        });
+        if let Some(p) = progress {
+            p.step(layer_no, num_layers);
+        }
+        if live == 0 {
+            break;
+        }
+    }
+    stats.compute_seconds += compute_start.elapsed().as_secs_f64();
+    stats.layers_per_candidate = layers_done;
+
+    // Accepted candidates rank above every survivor, earlier acceptances first (they were above
+    // the boundary cluster from which later ones came).
+    let mut acc: Vec<(usize, usize, f32)> = fate
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| match f {
+            Fate::Accepted { event, logit } => Some((*event, i, *logit)),
+            _ => None,
+        })
+        .collect();
+    acc.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.total_cmp(&a.2)).then(a.1.cmp(&b.1)));
+    let mut out: Vec<Scored> = acc
+        .into_iter()
+        .map(|(_, index, logit)| Scored { index, logit })
+        .collect();
+    out.extend(rank(
+        final_logits
+            .into_iter()
+            .map(|(index, logit)| Scored { index, logit }),
+    ));
+    out.truncate(k);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(len: usize) -> EncodedPair {
+        EncodedPair {
+            ids: vec![1; len],
+            type_ids: vec![0; len],
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn chunks_respect_the_token_budget() {
+        let pairs: Vec<EncodedPair> = [5, 9, 3, 20, 4].iter().map(|&l| pair(l)).collect();
+        let order = length_order(&pairs);
+        assert_eq!(order, vec![3, 1, 0, 4, 2]);
+        let plan = plan_chunks(&pairs, &order, 12);
+        assert_eq!(plan, vec![vec![3], vec![1], vec![0, 4, 2]]);
+        for c in &plan {
+            let t: usize = c.iter().map(|&m| pairs[m].len()).sum();
+            assert!(t <= 12 || c.len() == 1);
+        }
+    }
+
+    #[test]
+    fn repack_keeps_survivor_rows_and_releases_the_rest() {
+        let pairs: Vec<EncodedPair> = [2, 3, 1, 2].iter().map(|&l| pair(l)).collect();
+        let dev = candle_core::Device::Cpu;
+        // Two chunks: members [1, 0] (rows 0-4) and [3, 2] (rows 0-2); row values encode
+        // (member * 10 + row within member).
+        let mk = |members: Vec<usize>| {
+            let mut rows = vec![];
+            for &m in &members {
+                for r in 0..pairs[m].len() {
+                    rows.push((m * 10 + r) as f32);
+                }
+            }
+            let t = Tensor::from_vec(rows.clone(), (rows.len(), 1), &dev).unwrap();
+            Chunk {
+                batch: pack(&pairs, &members),
+                members,
+                hidden: t,
+            }
+        };
+        let chunks = vec![mk(vec![1, 0]), mk(vec![3, 2])];
+        let out = repack(chunks, |m| m != 0, &pairs, 100).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].members, vec![1, 3, 2]);
+        let v: Vec<f32> = out[0].hidden.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v, vec![10.0, 11.0, 12.0, 30.0, 31.0, 20.0]);
+        assert_eq!(out[0].batch.layout.spans, vec![(0, 3), (3, 2), (5, 1)]);
+    }
+}

@@ -1,0 +1,70 @@
+//! Library error type. Every failure a user can cause (bad input, bad files, exceeded limits)
+//! maps to a variant with a message that names the offending thing, so front ends can turn it
+//! into a clear CLI message or a 4xx response without guessing.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GratingError {
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(String),
+
+    #[error("model directory {path}: {reason}")]
+    ModelFiles { path: PathBuf, reason: String },
+
+    #[error("config.json: {0}")]
+    Config(String),
+
+    #[error("unsupported architecture {found:?}; supported: {supported}")]
+    UnsupportedArchitecture { found: String, supported: String },
+
+    #[error("weights: tensor `{name}` is missing")]
+    MissingTensor { name: String },
+
+    #[error("weights: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    #[error("weights: tensor `{name}` has unsupported dtype {dtype}")]
+    UnsupportedDtype { name: String, dtype: String },
+
+    #[error("weights file {path}: {reason}")]
+    WeightFile { path: PathBuf, reason: String },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("memory budget: {0}")]
+    MemoryBudget(String),
+
+    #[error("request cancelled: {0}")]
+    Cancelled(String),
+
+    #[error("tensor backend: {0}")]
+    Backend(#[from] candle_core::Error),
+
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl GratingError {
+    /// True when the caller's input (not the engine or its files) caused the error; servers
+    /// answer these with a 4xx status.
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            GratingError::InvalidInput(_)
+                | GratingError::LimitExceeded(_)
+                | GratingError::MemoryBudget(_)
+                | GratingError::Tokenizer(_)
+        )
+    }
+}
+
+pub type Result<T> = std::result::Result<T, GratingError>;

@@ -1,0 +1,433 @@
+//! Tensor-level operations the model files are written in.
+//!
+//! Each op takes candle tensors and picks its implementation: contiguous f32 tensors on the CPU
+//! go to the kernels in [`cpu`] (BLAS GEMMs, vectorised element-wise passes, packed attention),
+//! anything else (CUDA, Metal, half precision) to candle's generic ops. Model files therefore
+//! stay device-agnostic while the CPU hot path avoids candle's single-threaded generic ops.
+
+#[cfg(feature = "openblas")]
+pub(crate) mod blas;
+pub mod cpu;
+
+use candle_core::{CpuStorage, DType, Device, Storage, StorageRef, Tensor, D};
+
+pub use cpu::{AttentionShape, RopeTable};
+
+type CResult<T> = candle_core::Result<T>;
+
+/// A read guard on a contiguous f32 CPU tensor's data.
+struct CpuView<'a> {
+    guard: StorageRef<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl CpuView<'_> {
+    fn slice(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.end],
+            _ => unreachable!("CpuView is only built over f32 CPU storage"),
+        }
+    }
+}
+
+fn cpu_view(t: &Tensor) -> Option<CpuView<'_>> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return None;
+    }
+    let (guard, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
+        return None;
+    }
+    Some(CpuView { guard, start, end })
+}
+
+fn cpu_tensor(data: Vec<f32>, dims: (usize, usize)) -> CResult<Tensor> {
+    Tensor::from_vec(data, dims, &Device::Cpu)
+}
+
+/// `x [rows, in] · w[out, in]^T + b` (a torch `nn.Linear`).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
+    let (rows, in_dim) = x.dims2()?;
+    let (out_dim, w_in) = w.dims2()?;
+    if in_dim != w_in {
+        candle_core::bail!("linear: input width {in_dim} does not match weight {out_dim}x{w_in}");
+    }
+    if let (Some(xv), Some(wv)) = (cpu_view(x), cpu_view(w)) {
+        let bv = match b {
+            Some(b) => match cpu_view(b) {
+                Some(v) => Some(v),
+                None => return linear_generic(x, w, Some(b)),
+            },
+            None => None,
+        };
+        let mut out = vec![0f32; rows * out_dim];
+        cpu::linear(
+            xv.slice(),
+            rows,
+            in_dim,
+            wv.slice(),
+            out_dim,
+            bv.as_ref().map(|v| v.slice()),
+            &mut out,
+        );
+        return cpu_tensor(out, (rows, out_dim));
+    }
+    linear_generic(x, w, b)
+}
+
+fn linear_generic(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// Exact (erf) GELU.
+pub fn gelu(x: Tensor) -> CResult<Tensor> {
+    let dims = x.dims().to_vec();
+    if let Some(v) = cpu_view(&x) {
+        let mut data = v.slice().to_vec();
+        drop(v);
+        cpu::gelu_erf(&mut data);
+        return Tensor::from_vec(data, dims, &Device::Cpu);
+    }
+    x.gelu_erf()
+}
+
+/// `LayerNorm(x + residual)` over the last dimension (post-norm encoders).
+pub fn add_layer_norm(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: Option<&Tensor>,
+    eps: f64,
+) -> CResult<Tensor> {
+    let (rows, d) = x.dims2()?;
+    let views = (
+        cpu_view(x),
+        residual.map(cpu_view),
+        cpu_view(gamma),
+        beta.map(cpu_view),
+    );
+    if let (Some(xv), r, Some(gv), bt) = views {
+        let r_ok = !matches!(r, Some(None));
+        let b_ok = !matches!(bt, Some(None));
+        if r_ok && b_ok {
+            let mut out = vec![0f32; rows * d];
+            cpu::add_layer_norm(
+                xv.slice(),
+                r.as_ref().and_then(|v| v.as_ref().map(|v| v.slice())),
+                gv.slice(),
+                bt.as_ref().and_then(|v| v.as_ref().map(|v| v.slice())),
+                eps as f32,
+                &mut out,
+            );
+            return cpu_tensor(out, (rows, d));
+        }
+    }
+    let sum = match residual {
+        Some(r) => (x + r)?,
+        None => x.clone(),
+    };
+    let beta = match beta {
+        Some(b) => b.clone(),
+        None => gamma.zeros_like()?,
+    };
+    candle_nn::ops::layer_norm(&sum, gamma, &beta, eps as f32)
+}
+
+/// `(RMSNorm(x + residual), x + residual)` over the last dimension (pre-norm decoders). With no
+/// residual the second value is `x` itself.
+pub fn add_rms_norm(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    gamma: &Tensor,
+    eps: f64,
+) -> CResult<(Tensor, Tensor)> {
+    let (rows, d) = x.dims2()?;
+    let rv = residual.map(cpu_view);
+    if let (Some(xv), Some(gv)) = (cpu_view(x), cpu_view(gamma)) {
+        match rv {
+            None => {
+                let mut out = vec![0f32; rows * d];
+                cpu::add_rms_norm(xv.slice(), None, gv.slice(), eps as f32, None, &mut out);
+                return Ok((cpu_tensor(out, (rows, d))?, x.clone()));
+            }
+            Some(Some(r)) => {
+                let mut out = vec![0f32; rows * d];
+                let mut sum = vec![0f32; rows * d];
+                cpu::add_rms_norm(
+                    xv.slice(),
+                    Some(r.slice()),
+                    gv.slice(),
+                    eps as f32,
+                    Some(&mut sum),
+                    &mut out,
+                );
+                return Ok((cpu_tensor(out, (rows, d))?, cpu_tensor(sum, (rows, d))?));
+            }
+            Some(None) => {}
+        }
+    }
+    let sum = match residual {
+        Some(r) => (x + r)?,
+        None => x.clone(),
+    };
+    let normed = candle_nn::ops::rms_norm(&sum, gamma, eps as f32)?;
+    Ok((normed, sum))
+}
+
+/// SwiGLU on a fused `[gate | up]` projection of width `2 * inter`.
+pub fn silu_mul(gate_up: &Tensor, inter: usize) -> CResult<Tensor> {
+    let (rows, w) = gate_up.dims2()?;
+    if w != 2 * inter {
+        candle_core::bail!("silu_mul: width {w} is not 2 x {inter}");
+    }
+    if let Some(v) = cpu_view(gate_up) {
+        let mut out = vec![0f32; rows * inter];
+        cpu::silu_mul(v.slice(), inter, &mut out);
+        return cpu_tensor(out, (rows, inter));
+    }
+    let gate = gate_up.narrow(1, 0, inter)?;
+    let up = gate_up.narrow(1, inter, inter)?;
+    candle_nn::ops::silu(&gate)? * up
+}
+
+/// Where each packed sequence starts and how long it is, plus per-token positions.
+#[derive(Debug, Clone)]
+pub struct SeqLayout {
+    /// `(first_row, len)` per sequence, in row order.
+    pub spans: Vec<(usize, usize)>,
+}
+
+impl SeqLayout {
+    pub fn total_rows(&self) -> usize {
+        self.spans.last().map(|(s, l)| s + l).unwrap_or(0)
+    }
+}
+
+/// Per-sequence self-attention over a fused `[T, (H + 2 Hkv) * dh]` projection.
+pub fn attention(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> CResult<Tensor> {
+    let (rows, width) = qkv.dims2()?;
+    if width != shape.qkv_width() || rows != layout.total_rows() {
+        candle_core::bail!(
+            "attention: qkv is {rows}x{width}, expected {}x{}",
+            layout.total_rows(),
+            shape.qkv_width()
+        );
+    }
+    if let Some(v) = cpu_view(qkv) {
+        let mut out = vec![0f32; rows * shape.out_width()];
+        cpu::attention(v.slice(), &layout.spans, shape, &mut out);
+        return cpu_tensor(out, (rows, shape.out_width()));
+    }
+    attention_generic(qkv, layout, shape)
+}
+
+fn attention_generic(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> CResult<Tensor> {
+    let dh = shape.head_dim;
+    let (h, hkv) = (shape.n_heads, shape.n_kv_heads);
+    let scale = 1.0 / (dh as f64).sqrt();
+    let mut outs = Vec::with_capacity(layout.spans.len());
+    for &(start, len) in &layout.spans {
+        let s = qkv.narrow(0, start, len)?;
+        let heads = |off: usize, n: usize| -> CResult<Tensor> {
+            s.narrow(1, off * dh, n * dh)?
+                .reshape((len, n, dh))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let q = heads(0, h)?;
+        let mut k = heads(h, hkv)?;
+        let mut v = heads(h + hkv, hkv)?;
+        if h != hkv {
+            let rep = h / hkv;
+            k = repeat_kv(&k, rep)?;
+            v = repeat_kv(&v, rep)?;
+        }
+        let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        if shape.causal {
+            let mask: Vec<f32> = (0..len)
+                .flat_map(|i| (0..len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (len, len), qkv.device())?.to_dtype(att.dtype())?;
+            att = att.broadcast_add(&mask)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let o = att.matmul(&v)?.transpose(0, 1)?.reshape((len, h * dh))?;
+        outs.push(o);
+    }
+    Tensor::cat(&outs, 0)
+}
+
+fn repeat_kv(x: &Tensor, rep: usize) -> CResult<Tensor> {
+    let (n, len, dh) = x.dims3()?;
+    x.unsqueeze(1)?
+        .expand((n, rep, len, dh))?
+        .reshape((n * rep, len, dh))
+}
+
+/// Qwen3's per-head q/k RMSNorm followed by rotary embedding, on a fused qkv projection.
+pub fn qk_norm_rope(
+    qkv: Tensor,
+    shape: AttentionShape,
+    q_gamma: Option<&Tensor>,
+    k_gamma: Option<&Tensor>,
+    eps: f64,
+    positions: &[u32],
+    rope: &RopeTable,
+) -> CResult<Tensor> {
+    let (rows, width) = qkv.dims2()?;
+    if let Some(p) = positions.iter().max() {
+        if *p as usize >= rope.max_positions() {
+            candle_core::bail!("position {p} beyond the rotary table ({})", rope.max_positions());
+        }
+    }
+    let qg = q_gamma.map(cpu_view);
+    let kg = k_gamma.map(cpu_view);
+    if !matches!(qg, Some(None)) && !matches!(kg, Some(None)) {
+        if let Some(v) = cpu_view(&qkv) {
+            let mut data = v.slice().to_vec();
+            drop(v);
+            cpu::qk_norm_rope(
+                &mut data,
+                shape,
+                qg.as_ref().and_then(|g| g.as_ref().map(|g| g.slice())),
+                kg.as_ref().and_then(|g| g.as_ref().map(|g| g.slice())),
+                eps as f32,
+                positions,
+                rope,
+            );
+            return cpu_tensor(data, (rows, width));
+        }
+    }
+    qk_norm_rope_generic(&qkv, shape, q_gamma, k_gamma, eps, positions, rope)
+}
+
+fn qk_norm_rope_generic(
+    qkv: &Tensor,
+    shape: AttentionShape,
+    q_gamma: Option<&Tensor>,
+    k_gamma: Option<&Tensor>,
+    eps: f64,
+    positions: &[u32],
+    rope: &RopeTable,
+) -> CResult<Tensor> {
+    let rows = qkv.dim(0)?;
+    let dh = shape.head_dim;
+    let half = dh / 2;
+    let dev = qkv.device();
+    let gather = |table: &Vec<f32>| -> CResult<Tensor> {
+        let data: Vec<f32> = positions
+            .iter()
+            .flat_map(|p| table[*p as usize * half..(*p as usize + 1) * half].iter().copied())
+            .collect();
+        Tensor::from_vec(data, (rows, 1, half), dev)?.to_dtype(qkv.dtype())
+    };
+    let cos = gather(&rope.cos)?;
+    let sin = gather(&rope.sin)?;
+    let part = |off: usize, n: usize, gamma: Option<&Tensor>| -> CResult<Tensor> {
+        let mut x = qkv.narrow(1, off * dh, n * dh)?.reshape((rows, n, dh))?;
+        if let Some(g) = gamma {
+            x = candle_nn::ops::rms_norm(&x.contiguous()?, g, eps as f32)?;
+        }
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let b = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+        Tensor::cat(&[a, b], D::Minus1)?.reshape((rows, n * dh))
+    };
+    let q = part(0, shape.n_heads, q_gamma)?;
+    let k = part(shape.n_heads, shape.n_kv_heads, k_gamma)?;
+    let v = qkv.narrow(
+        1,
+        (shape.n_heads + shape.n_kv_heads) * dh,
+        shape.n_kv_heads * dh,
+    )?;
+    Tensor::cat(&[q, k, v], 1)
+}
+
+/// Sets the number of compute threads for the rayon pool and BLAS. Call once, early; later
+/// calls only adjust BLAS.
+pub fn set_threads(n: usize) {
+    let n = n.max(1);
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    #[cfg(feature = "openblas")]
+    blas::set_threads(n);
+}
+
+/// Threads the engine computes with (the rayon pool's size).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_tensor(dims: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.5f32..1.5)).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fast_paths_match_generic_candle_ops() {
+        let x = rand_tensor(&[9, 16], 1);
+        let r = rand_tensor(&[9, 16], 2);
+        let g = rand_tensor(&[16], 3);
+        let b = rand_tensor(&[16], 4);
+        let w = rand_tensor(&[24, 16], 5);
+        let wb = rand_tensor(&[24], 6);
+        assert!(max_diff(&linear(&x, &w, Some(&wb)).unwrap(), &linear_generic(&x, &w, Some(&wb)).unwrap()) < 1e-5);
+        assert!(max_diff(&gelu(x.clone()).unwrap(), &x.gelu_erf().unwrap()) < 1e-6);
+        let ln = add_layer_norm(&x, Some(&r), &g, Some(&b), 1e-12).unwrap();
+        let ln_ref = candle_nn::ops::layer_norm(&(&x + &r).unwrap(), &g, &b, 1e-12).unwrap();
+        assert!(max_diff(&ln, &ln_ref) < 1e-5);
+        let (rn, sum) = add_rms_norm(&x, Some(&r), &g, 1e-6).unwrap();
+        let rn_ref = candle_nn::ops::rms_norm(&(&x + &r).unwrap(), &g, 1e-6).unwrap();
+        assert!(max_diff(&rn, &rn_ref) < 1e-5);
+        assert!(max_diff(&sum, &(&x + &r).unwrap()) < 1e-7);
+        let gu = rand_tensor(&[9, 32], 7);
+        let sm = silu_mul(&gu, 16).unwrap();
+        let sm_ref = (candle_nn::ops::silu(&gu.narrow(1, 0, 16).unwrap()).unwrap()
+            * gu.narrow(1, 16, 16).unwrap())
+        .unwrap();
+        assert!(max_diff(&sm, &sm_ref) < 1e-5);
+    }
+
+    #[test]
+    fn attention_and_rope_fast_paths_match_generic() {
+        let shape = AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 8, causal: true };
+        let layout = SeqLayout { spans: vec![(0, 3), (3, 7), (10, 1)] };
+        let qkv = rand_tensor(&[11, shape.qkv_width()], 9);
+        let a = attention(&qkv, &layout, shape).unwrap();
+        let b = attention_generic(&qkv, &layout, shape).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+        let rope = RopeTable::new(8, 10000.0, 16);
+        let positions: Vec<u32> = [0u32, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0].to_vec();
+        let qg = rand_tensor(&[8], 10);
+        let kg = rand_tensor(&[8], 11);
+        let fast = qk_norm_rope(qkv.clone(), shape, Some(&qg), Some(&kg), 1e-6, &positions, &rope).unwrap();
+        let slow = qk_norm_rope_generic(&qkv, shape, Some(&qg), Some(&kg), 1e-6, &positions, &rope).unwrap();
+        assert!(max_diff(&fast, &slow) < 1e-5);
+    }
+}
