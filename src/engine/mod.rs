@@ -248,4 +248,28 @@ impl Reranker {
         stats.finish_counts();
         Ok(RerankOutput { ranked, stats })
     }
+
+    /// Scores of every candidate after every layer (`[layer][candidate]`, no pruning): what
+    /// calibration and evaluation replay pruning rules on.
+    pub fn layer_scores(&self, req: &RerankRequest) -> Result<(Vec<Vec<f32>>, RequestStats)> {
+        let pairs = self.encode(req)?;
+        let mut stats = RequestStats {
+            mode: "record".into(),
+            candidates: pairs.len(),
+            tokens: pairs.iter().map(EncodedPair::len).sum(),
+            num_layers: self.info().num_layers,
+            ..Default::default()
+        };
+        let mut rec = Vec::new();
+        monolithic::forward(
+            self.model.as_ref(),
+            &pairs,
+            req.chunk_tokens,
+            monolithic::Observer::Record(&mut rec),
+            &mut stats,
+            None,
+        )?;
+        stats.finish_counts();
+        Ok((rec, stats))
+    }
 }

@@ -7,11 +7,12 @@
 //! fresh chunks and the storage of pruned candidates is released.
 
 use super::full::{length_order, pack};
-use super::stats::{LayerTiming, PruneEvent, RequestStats};
-use super::{rank, Progress, Scored};
+use super::stats::{LayerTiming, RequestStats};
+use super::{Progress, Scored};
 use crate::error::Result;
 use crate::models::{PackedBatch, RerankModel};
-use crate::prune::{decide, PruneConfig, PruneMode};
+use crate::prune::state::PruneState;
+use crate::prune::PruneConfig;
 use crate::tokenize::EncodedPair;
 use candle_core::Tensor;
 use std::time::Instant;
@@ -26,13 +27,6 @@ pub(crate) struct Chunk {
     pub members: Vec<usize>,
     pub batch: PackedBatch,
     pub hidden: Tensor,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Fate {
-    Live,
-    Accepted { event: usize, logit: f32 },
-    Dropped,
 }
 
 /// Splits `members` (already in length order) into runs of at most `budget` tokens (a longer
@@ -124,18 +118,24 @@ fn repack(
     Ok(out)
 }
 
-/// Runs the request layer-major and returns its top `k`, best first.
-#[allow(clippy::too_many_arguments)]
-pub fn run(
+/// What a monolithic pass does after each layer.
+pub(crate) enum Observer<'a> {
+    /// Prune with this state; only layers where a decision is possible are scored.
+    Prune(&'a mut PruneState),
+    /// Score every live candidate after every layer and keep the scores (`[layer][candidate]`).
+    Record(&'a mut Vec<Vec<f32>>),
+}
+
+/// Runs all candidates layer-major. Returns the last layer's `(candidate, logit)` for the
+/// candidates still live there.
+pub(crate) fn forward(
     model: &dyn RerankModel,
     pairs: &[EncodedPair],
-    k: usize,
     chunk_tokens: usize,
-    prune: &PruneConfig,
+    mut observer: Observer<'_>,
     stats: &mut RequestStats,
     progress: Option<&dyn Progress>,
-) -> Result<Vec<Scored>> {
-    let _span = tracing::debug_span!("monolithic", candidates = pairs.len(), k).entered();
+) -> Result<Vec<(usize, f32)>> {
     let info = model.info().clone();
     let num_layers = info.num_layers;
     let n = pairs.len();
@@ -154,13 +154,8 @@ pub fn run(
         });
     }
 
-    let mut fate = vec![Fate::Live; n];
     let mut layers_done = vec![0u16; n];
-    let mut final_logits: Vec<(usize, f32)> = Vec::new();
-    let mut accepted = 0usize;
-    let mut live = n;
-    let mut events = 0usize;
-
+    let mut finals = Vec::new();
     for l in 0..num_layers {
         let layer_no = l + 1;
         let t = Instant::now();
@@ -176,52 +171,41 @@ pub fn run(
         }
         drop(layer);
         let is_last = layer_no == num_layers;
-        let slots = k - accepted;
-        let may_prune = !is_last
-            && prune.mode != PruneMode::Off
-            && layer_no >= prune.first_layer
-            && slots > 0
-            && live > slots;
-        if is_last || may_prune {
-            let mut ids = Vec::with_capacity(live);
-            let mut scores = Vec::with_capacity(live);
+        let wants = match &observer {
+            Observer::Prune(st) => is_last || st.wants_scores(layer_no),
+            Observer::Record(_) => true,
+        };
+        let live_before: usize = chunks.iter().map(|c| c.members.len()).sum();
+        if wants {
+            let mut ids = Vec::with_capacity(live_before);
+            let mut scores = Vec::with_capacity(live_before);
             for chunk in &chunks {
                 ids.extend_from_slice(&chunk.members);
                 scores.extend(model.score(&chunk.hidden, &chunk.batch)?);
             }
-            if is_last {
-                final_logits = ids.into_iter().zip(scores).collect();
-            } else {
-                let d = decide(prune, &scores, slots);
-                if !d.is_noop() {
-                    events += 1;
-                    for &p in &d.accept {
-                        fate[ids[p]] = Fate::Accepted {
-                            event: events,
-                            logit: scores[p],
-                        };
+            match &mut observer {
+                Observer::Record(rec) => {
+                    let mut row = vec![f32::NAN; n];
+                    for (&i, &s) in ids.iter().zip(&scores) {
+                        row[i] = s;
                     }
-                    for &p in &d.drop {
-                        fate[ids[p]] = Fate::Dropped;
-                    }
-                    stats.prune_events.push(PruneEvent {
-                        layer: layer_no,
-                        live_before: live,
-                        accepted: d.accept.len(),
-                        dropped: d.drop.len(),
-                        dispersion: d.dispersion,
-                        clusters: d.clusters,
-                    });
-                    accepted += d.accept.len();
-                    live -= d.accept.len() + d.drop.len();
-                    tracing::debug!(layer = layer_no, accepted = d.accept.len(), dropped = d.drop.len(), live, "prune");
-                    chunks = repack(chunks, |m| fate[m] == Fate::Live, pairs, budget)?;
+                    rec.push(row);
                 }
+                Observer::Prune(st) if !is_last => {
+                    if st.observe(layer_no, &ids, &scores) {
+                        let st: &PruneState = st;
+                        chunks = repack(chunks, |m| st.is_live(m), pairs, budget)?;
+                    }
+                }
+                Observer::Prune(_) => {}
+            }
+            if is_last {
+                finals = ids.into_iter().zip(scores).collect();
             }
         }
         stats.layer_timings.push(LayerTiming {
             layer: layer_no,
-            live_candidates: chunks.iter().map(|c| c.members.len()).sum(),
+            live_candidates: live_before,
             tokens,
             seconds: t.elapsed().as_secs_f64(),
             stall_seconds: 0.0,
@@ -229,35 +213,41 @@ pub fn run(
         if let Some(p) = progress {
             p.step(layer_no, num_layers);
         }
-        if live == 0 {
+        if chunks.is_empty() {
             break;
         }
     }
     stats.compute_seconds += compute_start.elapsed().as_secs_f64();
     stats.layers_per_candidate = layers_done;
+    Ok(finals)
+}
 
-    // Accepted candidates rank above every survivor, earlier acceptances first (they were above
-    // the boundary cluster from which later ones came).
-    let mut acc: Vec<(usize, usize, f32)> = fate
-        .iter()
-        .enumerate()
-        .filter_map(|(i, f)| match f {
-            Fate::Accepted { event, logit } => Some((*event, i, *logit)),
-            _ => None,
-        })
-        .collect();
-    acc.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.total_cmp(&a.2)).then(a.1.cmp(&b.1)));
-    let mut out: Vec<Scored> = acc
+/// Runs the request layer-major with pruning and returns its top `k`, best first.
+pub fn run(
+    model: &dyn RerankModel,
+    pairs: &[EncodedPair],
+    k: usize,
+    chunk_tokens: usize,
+    prune: &PruneConfig,
+    stats: &mut RequestStats,
+    progress: Option<&dyn Progress>,
+) -> Result<Vec<Scored>> {
+    let _span = tracing::debug_span!("monolithic", candidates = pairs.len(), k).entered();
+    let mut state = PruneState::new(prune, pairs.len(), k, model.info().num_layers);
+    let finals = forward(
+        model,
+        pairs,
+        chunk_tokens,
+        Observer::Prune(&mut state),
+        stats,
+        progress,
+    )?;
+    stats.prune_events = state.events().to_vec();
+    Ok(state
+        .ranking(&finals)
         .into_iter()
-        .map(|(_, index, logit)| Scored { index, logit })
-        .collect();
-    out.extend(rank(
-        final_logits
-            .into_iter()
-            .map(|(index, logit)| Scored { index, logit }),
-    ));
-    out.truncate(k);
-    Ok(out)
+        .map(|(index, logit)| Scored { index, logit })
+        .collect())
 }
 
 #[cfg(test)]

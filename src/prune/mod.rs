@@ -19,6 +19,7 @@
 
 pub mod kmeans1d;
 pub mod profile;
+pub mod state;
 
 use serde::{Deserialize, Serialize};
 
@@ -147,7 +148,12 @@ mod tests {
         scores.extend((0..5).map(|i| 12.0 + 0.01 * i as f32));
         scores.extend((0..20).map(|i| 6.0 + 0.01 * i as f32));
         scores.extend((0..25).map(|i| -3.0 + 0.01 * i as f32));
-        let d = decide(&PruneConfig::default(), &scores, 10);
+        // Two clusters already explain 90% of the variance; ask for 98% to get the three.
+        let cfg = PruneConfig {
+            sse_ratio: 0.02,
+            ..Default::default()
+        };
+        let d = decide(&cfg, &scores, 10);
         assert_eq!(d.clusters, 3);
         let mut acc = d.accept.clone();
         acc.sort();
@@ -165,6 +171,7 @@ mod tests {
         scores.extend((0..25).map(|i| -3.0 + 0.01 * i as f32));
         let cfg = PruneConfig {
             mode: PruneMode::ExactOrder,
+            sse_ratio: 0.02,
             ..Default::default()
         };
         let d = decide(&cfg, &scores, 10);

@@ -1,0 +1,111 @@
+//! Flags shared by several subcommands.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use grating::prune::{PruneConfig, PruneMode, DEFAULT_MAX_CLUSTERS, DEFAULT_SSE_RATIO};
+use grating::weights::ModelFiles;
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model: a local HF directory (config.json, model.safetensors, tokenizer.json) or a hub id.
+    #[arg(long, env = "GRATING_MODEL")]
+    pub model: String,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn engine_options(&self) -> Result<grating::EngineOptions> {
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        grating::ops::set_threads(threads);
+        Ok(grating::EngineOptions {
+            device: parse_device(&self.device)?,
+            dtype: None,
+        })
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<candle_core::Device> {
+    if s == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => match rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => bail!("invalid device {s:?} (cpu, cuda or cuda:N)"),
+        },
+        None => bail!("invalid device {s:?} (cpu, cuda or cuda:N)"),
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!("device {s:?} requested but this build has no CUDA support (build with --features cuda)");
+    }
+    Ok(candle_core::Device::new_cuda(ordinal)?)
+}
+
+/// Pruning flags.
+#[derive(Args, Debug, Clone)]
+pub struct PruneArgs {
+    /// Pruning: top-k (accept and drop clusters), off (monolithic only, exact scores).
+    #[arg(long, default_value = "top-k", value_parser = ["top-k", "off"])]
+    pub prune: String,
+    /// Drop losers only: the top K run every layer, so their order and scores equal full mode.
+    #[arg(long)]
+    pub exact_order: bool,
+    /// Dispersion threshold (std / (|mean| + 1) of a layer's scores) above which a layer prunes.
+    /// Default: the calibrated profile of the model if there is one, else 0.1.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// First layer (1-based) after which pruning may happen. Default: the profile's, else 1.
+    #[arg(long)]
+    pub first_layer: Option<usize>,
+    /// Most clusters the 1-D k-means may use.
+    #[arg(long, default_value_t = DEFAULT_MAX_CLUSTERS)]
+    pub max_clusters: usize,
+    /// Cluster count rule: the smallest k whose within-cluster SSE is at most this share of
+    /// the total.
+    #[arg(long, default_value_t = DEFAULT_SSE_RATIO)]
+    pub sse_ratio: f32,
+}
+
+impl PruneArgs {
+    /// The pruning config, filling unset values from the model's calibration profile.
+    pub fn config(&self, files: &ModelFiles) -> Result<PruneConfig> {
+        let profile = grating::prune::profile::load(files)?;
+        let mut cfg = PruneConfig::default();
+        if let Some(p) = &profile {
+            cfg.threshold = p.threshold;
+            cfg.first_layer = p.first_layer;
+            tracing::info!(threshold = p.threshold, first_layer = p.first_layer, "using calibrated pruning profile");
+        }
+        if let Some(t) = self.threshold {
+            cfg.threshold = t;
+        }
+        if let Some(f) = self.first_layer {
+            if f == 0 {
+                bail!("--first-layer counts from 1");
+            }
+            cfg.first_layer = f;
+        }
+        if self.max_clusters < 2 {
+            bail!("--max-clusters must be at least 2");
+        }
+        if !(0.0..1.0).contains(&self.sse_ratio) {
+            bail!("--sse-ratio must be in [0, 1)");
+        }
+        cfg.max_clusters = self.max_clusters;
+        cfg.sse_ratio = self.sse_ratio;
+        cfg.mode = match (self.prune.as_str(), self.exact_order) {
+            ("off", _) => PruneMode::Off,
+            (_, true) => PruneMode::ExactOrder,
+            _ => PruneMode::TopK,
+        };
+        Ok(cfg)
+    }
+}

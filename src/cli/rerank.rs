@@ -1,0 +1,171 @@
+//! `grating rerank`: top K of a documents file for one query.
+
+use super::common::{ModelArgs, PruneArgs};
+use super::docs::read_documents;
+use anyhow::{bail, Result};
+use clap::Args;
+use grating::engine::{sigmoid, Mode, Progress, RerankRequest, Reranker};
+use grating::tokenize::Truncation;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct RerankArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The query.
+    #[arg(long)]
+    pub query: String,
+    /// Candidates: jsonl with {"id","text"} per line, or plain text with one document per line.
+    #[arg(long)]
+    pub docs: PathBuf,
+    /// How many to return (default: all, which also disables pruning).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// full: conventional batches through every layer (the baseline); grating: monolithic
+    /// forwarding with pruning.
+    #[arg(long, default_value = "grating")]
+    pub mode: Mode,
+    #[command(flatten)]
+    pub prune: PruneArgs,
+    /// Candidates per batch in full mode.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Tokens per chunk in grating mode (bounds activation memory).
+    #[arg(long, default_value_t = grating::engine::monolithic::DEFAULT_CHUNK_TOKENS)]
+    pub chunk_tokens: usize,
+    /// Maximum tokens per (query, document) sequence (default: the model's).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Which end of a long document to cut: right (keep the start) or left.
+    #[arg(long, default_value = "right", value_parser = ["right", "left"])]
+    pub truncation_direction: String,
+    /// Qwen3-Reranker instruction (the <Instruct> line).
+    #[arg(long)]
+    pub instruction: Option<String>,
+    /// Print raw logits instead of sigmoid scores (P(yes) for Qwen3).
+    #[arg(long)]
+    pub raw_scores: bool,
+    /// One JSON object on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Print per-request statistics (layers computed, pruning, timings) to stderr.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn step(&self, done: usize, total: usize) {
+        self.0.set_length(total as u64);
+        self.0.set_position(done as u64);
+    }
+}
+
+pub fn run(args: RerankArgs) -> Result<()> {
+    let opts = args.model.engine_options()?;
+    let docs = read_documents(&args.docs)?;
+    let reranker = Reranker::load(&args.model.model, &opts)?;
+    let mut req = RerankRequest::new(
+        args.query.clone(),
+        docs.iter().map(|d| d.text.clone()).collect(),
+    );
+    req.top_k = args.top_k;
+    req.mode = args.mode;
+    req.batch_size = args.batch_size;
+    if args.chunk_tokens == 0 || args.batch_size == 0 {
+        bail!("--chunk-tokens and --batch-size must be positive");
+    }
+    req.chunk_tokens = args.chunk_tokens;
+    req.max_length = args.max_length;
+    req.truncation = if args.truncation_direction == "left" {
+        Truncation::Left
+    } else {
+        Truncation::Right
+    };
+    req.instruction = args.instruction.clone();
+    req.prune = args.prune.config(reranker.files())?;
+
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(match req.mode {
+        Mode::Full => "batches",
+        Mode::Grating => "layers",
+    });
+    let out = reranker.rerank(&req, Some(&Bar(bar.clone())))?;
+    bar.finish_and_clear();
+
+    let score = |l: f32| if args.raw_scores { l } else { sigmoid(l) };
+    if args.json {
+        let results: Vec<serde_json::Value> = out
+            .ranked
+            .iter()
+            .enumerate()
+            .map(|(rank, s)| {
+                serde_json::json!({
+                    "rank": rank + 1,
+                    "index": s.index,
+                    "id": docs[s.index].id,
+                    "score": score(s.logit),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({"results": results, "stats": out.stats});
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!("{:>5}  {:>6}  {:>10}  {:<20}  text", "rank", "index", "score", "id");
+        for (rank, s) in out.ranked.iter().enumerate() {
+            let text: String = docs[s.index].text.chars().take(60).collect();
+            println!(
+                "{:>5}  {:>6}  {:>10.5}  {:<20}  {}",
+                rank + 1,
+                s.index,
+                score(s.logit),
+                docs[s.index].id,
+                text.replace('\n', " ")
+            );
+        }
+    }
+    if args.stats {
+        print_stats(&out.stats);
+    }
+    Ok(())
+}
+
+pub fn print_stats(s: &grating::engine::RequestStats) {
+    eprintln!(
+        "mode {} | {} candidates, {} tokens ({} truncated) | candidate-layers {}/{} ({:.1}% saved)",
+        s.mode,
+        s.candidates,
+        s.tokens,
+        s.truncated,
+        s.candidate_layers_computed,
+        s.candidate_layers_full,
+        s.saved_percent
+    );
+    eprintln!(
+        "tokenize {:.3}s, compute {:.3}s, total {:.3}s, {:.1} GFLOP/s, peak RSS {:.0} MiB",
+        s.tokenize_seconds, s.compute_seconds, s.total_seconds, s.gflops_per_second, s.peak_rss_mib
+    );
+    for e in &s.prune_events {
+        eprintln!(
+            "  prune after layer {}: {} live, dispersion {:.4}, {} clusters -> {} accepted, {} dropped",
+            e.layer, e.live_before, e.dispersion, e.clusters, e.accepted, e.dropped
+        );
+    }
+    for t in &s.layer_timings {
+        eprintln!(
+            "  layer {:>3}: {:>5} live, {:>7} tokens, {:.4}s (stall {:.4}s)",
+            t.layer, t.live_candidates, t.tokens, t.seconds, t.stall_seconds
+        );
+    }
+}
