@@ -15,6 +15,15 @@ struct Cli {
 enum Command {
     /// Rank a documents file against one query and print the top K.
     Rerank(cli::rerank::RerankArgs),
+    /// Evaluate full and grating modes on TREC DL (nDCG, P@K, agreement, compute saved).
+    Eval(cli::eval::EvalArgs),
+    /// Find the lowest pruning threshold that meets a top-K agreement target; save it.
+    Calibrate(cli::calibrate::CalibrateArgs),
+    /// Measure latency and peak memory of modes side by side in one run.
+    Bench(cli::bench::BenchArgs),
+    /// Internal: one benchmark contender serving requests on stdin.
+    #[command(hide = true)]
+    BenchWorker(cli::bench::WorkerArgs),
 }
 
 fn main() {
@@ -28,6 +37,10 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Rerank(a) => cli::rerank::run(a),
+        Command::Eval(a) => cli::eval::run(a),
+        Command::Calibrate(a) => cli::calibrate::run(a),
+        Command::Bench(a) => cli::bench::run(a),
+        Command::BenchWorker(a) => cli::bench::worker(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,5 +1,8 @@
 //! Subcommands of the `grating` binary. They use the library's public API only.
 
+pub mod bench;
+pub mod calibrate;
 pub mod common;
 pub mod docs;
+pub mod eval;
 pub mod rerank;

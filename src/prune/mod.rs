@@ -43,14 +43,22 @@ pub struct PruneConfig {
     pub first_layer: usize,
     pub max_clusters: usize,
     pub sse_ratio: f32,
+    /// A forced schedule for speed measurements on random-weight models, replacing the rule:
+    /// after layer `l`, keep the best `fraction` of the request's candidates (at least K) and
+    /// drop the rest. Empty in normal use.
+    #[serde(default)]
+    pub schedule: Vec<(usize, f32)>,
 }
 
 /// Defaults chosen to keep precision: a layer prunes only when its scores spread by more than
-/// 0.1 of the logit scale (the shared plain cross-encoder's early layers sit near 1e-3, its
-/// layer 5 at 0.03; ranking layers of the layerwise model at 0.3 and above).
-pub const DEFAULT_THRESHOLD: f32 = 0.1;
+/// 0.15 of the logit scale (the shared plain cross-encoder's early layers sit near 1e-3, its
+/// layer 5 at 0.03; the ranking layers of the layerwise model at 0.25 and above), and clusters
+/// must explain 80% of the variance, which keeps boundary clusters wide. On the layerwise
+/// model's DL19 BM25 top-100 lists (`grating calibrate`) these give a top-10 agreement with
+/// full inference of 0.993 at 0.817 of the candidate-layers.
+pub const DEFAULT_THRESHOLD: f32 = 0.15;
 pub const DEFAULT_MAX_CLUSTERS: usize = 8;
-pub const DEFAULT_SSE_RATIO: f32 = 0.1;
+pub const DEFAULT_SSE_RATIO: f32 = 0.2;
 
 impl Default for PruneConfig {
     fn default() -> Self {
@@ -60,6 +68,7 @@ impl Default for PruneConfig {
             first_layer: 1,
             max_clusters: DEFAULT_MAX_CLUSTERS,
             sse_ratio: DEFAULT_SSE_RATIO,
+            schedule: Vec::new(),
         }
     }
 }

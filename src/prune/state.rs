@@ -53,6 +53,9 @@ impl PruneState {
     /// only runs the head where a decision is possible).
     pub fn wants_scores(&self, layer: usize) -> bool {
         let slots = self.k - self.accepted;
+        if !self.cfg.schedule.is_empty() && !self.cfg.schedule.iter().any(|&(l, _)| l == layer) {
+            return false;
+        }
         layer < self.num_layers
             && self.cfg.mode != PruneMode::Off
             && layer >= self.cfg.first_layer
@@ -67,7 +70,11 @@ impl PruneState {
             return false;
         }
         let slots = self.k - self.accepted;
-        let d = decide(&self.cfg, scores, slots);
+        let d = if self.cfg.schedule.is_empty() {
+            decide(&self.cfg, scores, slots)
+        } else {
+            self.scheduled(layer, scores)
+        };
         if d.is_noop() {
             return false;
         }
@@ -92,6 +99,24 @@ impl PruneState {
         self.accepted += d.accept.len();
         self.live -= d.accept.len() + d.drop.len();
         true
+    }
+
+    /// The forced-schedule decision: keep the best `fraction` of all candidates (at least K).
+    fn scheduled(&self, layer: usize, scores: &[f32]) -> super::Decision {
+        let frac = self
+            .cfg
+            .schedule
+            .iter()
+            .find(|&&(l, _)| l == layer)
+            .map_or(1.0, |&(_, f)| f);
+        let keep = ((frac as f64 * self.fate.len() as f64).ceil() as usize).max(self.k);
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        super::Decision {
+            drop: order.get(keep..).map(<[usize]>::to_vec).unwrap_or_default(),
+            dispersion: super::dispersion(scores),
+            ..Default::default()
+        }
     }
 
     /// The answer, best first: accepted candidates (earlier acceptances first, as they stood
