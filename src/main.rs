@@ -5,7 +5,11 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "grating", version, about = "Fast, memory-bounded top-K selection with cross-encoder rerankers")]
+#[command(
+    name = "grating",
+    version,
+    about = "Fast, memory-bounded top-K selection with cross-encoder rerankers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

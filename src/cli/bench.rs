@@ -118,9 +118,17 @@ pub struct WorkerArgs {
 pub fn parse_schedule(s: &str) -> Result<Vec<(usize, f32)>> {
     s.split(',')
         .map(|part| {
-            let (l, f) = part.split_once(':').ok_or_else(|| anyhow!("schedule entry {part:?} is not LAYER:FRACTION"))?;
-            let l: usize = l.trim().parse().with_context(|| format!("schedule layer {l:?}"))?;
-            let f: f32 = f.trim().parse().with_context(|| format!("schedule fraction {f:?}"))?;
+            let (l, f) = part
+                .split_once(':')
+                .ok_or_else(|| anyhow!("schedule entry {part:?} is not LAYER:FRACTION"))?;
+            let l: usize = l
+                .trim()
+                .parse()
+                .with_context(|| format!("schedule layer {l:?}"))?;
+            let f: f32 = f
+                .trim()
+                .parse()
+                .with_context(|| format!("schedule fraction {f:?}"))?;
             if !(0.0..=1.0).contains(&f) || l == 0 {
                 bail!("schedule entry {part:?}: layer from 1, fraction in [0, 1]");
             }
@@ -161,7 +169,12 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             candidate_layers: res.stats.candidate_layers_computed,
             candidate_layers_full: res.stats.candidate_layers_full,
             flops: res.stats.flops,
-            stall_seconds: res.stats.layer_timings.iter().map(|t| t.stall_seconds).sum(),
+            stall_seconds: res
+                .stats
+                .layer_timings
+                .iter()
+                .map(|t| t.stall_seconds)
+                .sum(),
         };
         writeln!(out, "{}", serde_json::to_string(&r)?)?;
         out.flush()?;
@@ -206,14 +219,16 @@ impl Worker {
         if self.stdout.read_line(&mut line)? == 0 {
             bail!("contender {} exited early", self.name);
         }
-        serde_json::from_str(&line).with_context(|| format!("contender {} answered {line:?}", self.name))
+        serde_json::from_str(&line)
+            .with_context(|| format!("contender {} answered {line:?}", self.name))
     }
 
     fn finish(mut self) -> Result<f64> {
         drop(self.stdin.take());
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
-        let end: WorkerEnd = serde_json::from_str(&line).with_context(|| format!("contender {} end {line:?}", self.name))?;
+        let end: WorkerEnd = serde_json::from_str(&line)
+            .with_context(|| format!("contender {} end {line:?}", self.name))?;
         let _ = self.child.wait();
         Ok(end.peak_rss_mib)
     }
@@ -234,7 +249,10 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Synthetic requests for models without meaningful text: documents of `words` pseudo-words.
 fn synthetic_items(n_requests: usize, n_docs: usize, words: usize, k: usize) -> Vec<WorkItem> {
-    let vocab = ["alpha", "river", "stone", "market", "signal", "forest", "engine", "copper", "harbor", "lantern", "meadow", "vector", "summit", "canvas", "orbit", "thunder"];
+    let vocab = [
+        "alpha", "river", "stone", "market", "signal", "forest", "engine", "copper", "harbor",
+        "lantern", "meadow", "vector", "summit", "canvas", "orbit", "thunder",
+    ];
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = || {
         state ^= state << 13;
@@ -247,7 +265,12 @@ fn synthetic_items(n_requests: usize, n_docs: usize, words: usize, k: usize) -> 
             qid: format!("synthetic-{r}"),
             query: "which passage talks about the copper engine near the harbor".into(),
             docs: (0..n_docs)
-                .map(|_| (0..words).map(|_| vocab[(next() % vocab.len() as u64) as usize]).collect::<Vec<_>>().join(" "))
+                .map(|_| {
+                    (0..words)
+                        .map(|_| vocab[(next() % vocab.len() as u64) as usize])
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
                 .collect(),
             top_k: k,
         })
@@ -256,10 +279,11 @@ fn synthetic_items(n_requests: usize, n_docs: usize, words: usize, k: usize) -> 
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let exe = std::env::current_exe()?;
-    let threads = args
-        .model
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = args.model.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let (items, data) = match &args.data {
         Some(dir) => {
             let data = Dl19::load(dir)?;
@@ -270,13 +294,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .map(|(qid, q)| WorkItem {
                     qid: qid.clone(),
                     query: q.clone(),
-                    docs: data.candidates(q, args.candidates).into_iter().map(|d| data.doc_texts[d].clone()).collect(),
+                    docs: data
+                        .candidates(q, args.candidates)
+                        .into_iter()
+                        .map(|d| data.doc_texts[d].clone())
+                        .collect(),
                     top_k: args.top_k,
                 })
                 .collect();
             (items, Some(data))
         }
-        None => (synthetic_items(args.synthetic_requests, args.candidates, args.doc_tokens, args.top_k), None),
+        None => (
+            synthetic_items(
+                args.synthetic_requests,
+                args.candidates,
+                args.doc_tokens,
+                args.top_k,
+            ),
+            None,
+        ),
     };
     if items.is_empty() {
         bail!("no requests");
@@ -310,11 +346,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
             "st" => {
                 if !args.python.exists() {
-                    bail!("{} not found: run scripts/setup_py_baseline.sh first", args.python.display());
+                    bail!(
+                        "{} not found: run scripts/setup_py_baseline.sh first",
+                        args.python.display()
+                    );
                 }
                 let mut c = Command::new(&args.python);
                 c.arg("scripts/st_baseline.py")
-                    .args(["--model", &args.model.model, "--threads", &threads.to_string()])
+                    .args([
+                        "--model",
+                        &args.model.model,
+                        "--threads",
+                        &threads.to_string(),
+                    ])
                     .args(["--batch-size", &args.batch_size.to_string(), "--serve"]);
                 c
             }
@@ -393,13 +437,30 @@ fn report(
     for (wi, name) in args.compare.iter().enumerate() {
         let m = &medians[wi];
         let sum: f64 = m.iter().sum();
-        let ratio_to = |other: Option<usize>| other.filter(|&o| o != wi).map(|o| sum / medians[o].iter().sum::<f64>());
-        let (cl, clf, flops, stall) = results[wi].iter().fold((0u64, 0u64, 0f64, 0f64), |acc, reps| {
-            let r = &reps[0];
-            (acc.0 + r.candidate_layers, acc.1 + r.candidate_layers_full, acc.2 + r.flops, acc.3 + r.stall_seconds)
-        });
+        let ratio_to = |other: Option<usize>| {
+            other
+                .filter(|&o| o != wi)
+                .map(|o| sum / medians[o].iter().sum::<f64>())
+        };
+        let (cl, clf, flops, stall) =
+            results[wi]
+                .iter()
+                .fold((0u64, 0u64, 0f64, 0f64), |acc, reps| {
+                    let r = &reps[0];
+                    (
+                        acc.0 + r.candidate_layers,
+                        acc.1 + r.candidate_layers_full,
+                        acc.2 + r.flops,
+                        acc.3 + r.stall_seconds,
+                    )
+                });
         let agreement = full_i.filter(|&f| f != wi).map(|f| {
-            items.iter().enumerate().map(|(qi, it)| topk_agreement(&ranking_of(wi, qi), &ranking_of(f, qi), it.top_k)).sum::<f64>() / items.len() as f64
+            items
+                .iter()
+                .enumerate()
+                .map(|(qi, it)| topk_agreement(&ranking_of(wi, qi), &ranking_of(f, qi), it.top_k))
+                .sum::<f64>()
+                / items.len() as f64
         });
         let ndcg = data.map(|d| {
             items
@@ -407,7 +468,10 @@ fn report(
                 .enumerate()
                 .map(|(qi, it)| {
                     let cands = d.candidates(&it.query, args.candidates);
-                    let ids: Vec<&str> = ranking_of(wi, qi).iter().map(|&i| d.doc_ids[cands[i]].as_str()).collect();
+                    let ids: Vec<&str> = ranking_of(wi, qi)
+                        .iter()
+                        .map(|&i| d.doc_ids[cands[i]].as_str())
+                        .collect();
                     ndcg_at(&ids, &d.qrels[&it.qid], 10)
                 })
                 .sum::<f64>()
@@ -428,26 +492,53 @@ fn report(
         });
     }
     if args.json {
-        println!("{}", serde_json::to_string(&serde_json::json!({
-            "model": args.model.model, "requests": items.len(), "candidates": args.candidates,
-            "top_k": args.top_k, "repeats": args.repeats, "threads": threads, "contenders": summaries,
-        }))?);
+        println!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({
+                "model": args.model.model, "requests": items.len(), "candidates": args.candidates,
+                "top_k": args.top_k, "repeats": args.repeats, "threads": threads, "contenders": summaries,
+            }))?
+        );
         return Ok(());
     }
     println!(
         "model {} | {} requests x {} candidates, K={} | {} repeats, median kept | {} threads",
-        args.model.model, items.len(), args.candidates, args.top_k, args.repeats, threads
+        args.model.model,
+        items.len(),
+        args.candidates,
+        args.top_k,
+        args.repeats,
+        threads
     );
     println!(
         "{:<8} {:>10} {:>10} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8}",
-        "mode", "median s", "mean s", "peak MiB", "cl-share", "GFLOP/s", "agree@K", "nDCG@10", "vs full", "vs st", "stall s"
+        "mode",
+        "median s",
+        "mean s",
+        "peak MiB",
+        "cl-share",
+        "GFLOP/s",
+        "agree@K",
+        "nDCG@10",
+        "vs full",
+        "vs st",
+        "stall s"
     );
     let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
     for s in &summaries {
         println!(
             "{:<8} {:>10.4} {:>10.4} {:>9.0} {:>8.3} {:>8.1} {:>9} {:>8} {:>8} {:>8} {:>8.4}",
-            s.name, s.median_seconds, s.mean_seconds, s.peak_rss_mib, s.candidate_layer_share, s.gflops_per_second,
-            opt(s.agreement_with_full, 4), opt(s.ndcg10, 4), opt(s.latency_ratio_to_full, 3), opt(s.latency_ratio_to_st, 3), s.stall_seconds_mean
+            s.name,
+            s.median_seconds,
+            s.mean_seconds,
+            s.peak_rss_mib,
+            s.candidate_layer_share,
+            s.gflops_per_second,
+            opt(s.agreement_with_full, 4),
+            opt(s.ndcg10, 4),
+            opt(s.latency_ratio_to_full, 3),
+            opt(s.latency_ratio_to_st, 3),
+            s.stall_seconds_mean
         );
     }
     println!("vs full / vs st: total (sum over requests) of per-request median latency, as a ratio; cl-share: candidate-layers computed / N x layers");

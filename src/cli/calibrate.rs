@@ -66,11 +66,19 @@ pub struct SweepRow {
 }
 
 /// Replays `cfg` at each threshold over recorded `[request][layer][candidate]` scores.
-pub fn sweep(recs: &[Vec<Vec<f32>>], k: usize, base: &PruneConfig, thresholds: &[f32]) -> Vec<SweepRow> {
+pub fn sweep(
+    recs: &[Vec<Vec<f32>>],
+    k: usize,
+    base: &PruneConfig,
+    thresholds: &[f32],
+) -> Vec<SweepRow> {
     thresholds
         .iter()
         .map(|&t| {
-            let cfg = PruneConfig { threshold: t, ..base.clone() };
+            let cfg = PruneConfig {
+                threshold: t,
+                ..base.clone()
+            };
             let (mut agree, mut min_a, mut computed, mut possible) = (0.0, 1.0f64, 0usize, 0usize);
             for ls in recs {
                 let last = ls.last().expect("layers");
@@ -95,7 +103,9 @@ pub fn sweep(recs: &[Vec<Vec<f32>>], k: usize, base: &PruneConfig, thresholds: &
 }
 
 pub fn default_thresholds() -> Vec<f32> {
-    (0..24).map(|i| 0.01f32 * (200f32).powf(i as f32 / 23.0)).collect()
+    (0..24)
+        .map(|i| 0.01f32 * (200f32).powf(i as f32 / 23.0))
+        .collect()
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
@@ -115,30 +125,42 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         data.queries
             .iter()
             .map(|(_, q)| {
-                let docs = data.candidates(q, args.candidates).into_iter().map(|d| data.doc_texts[d].clone()).collect();
+                let docs = data
+                    .candidates(q, args.candidates)
+                    .into_iter()
+                    .map(|d| data.doc_texts[d].clone())
+                    .collect();
                 RerankRequest::new(q.clone(), docs)
             })
             .filter(|r| r.documents.len() > args.top_k)
             .collect()
     } else {
-        let text = std::fs::read_to_string(&args.queries).with_context(|| format!("cannot read {}", args.queries.display()))?;
+        let text = std::fs::read_to_string(&args.queries)
+            .with_context(|| format!("cannot read {}", args.queries.display()))?;
         text.lines()
             .filter(|l| !l.trim().is_empty())
             .enumerate()
             .map(|(i, l)| {
-                let s: SampleRequest = serde_json::from_str(l).with_context(|| format!("{} line {}", args.queries.display(), i + 1))?;
+                let s: SampleRequest = serde_json::from_str(l)
+                    .with_context(|| format!("{} line {}", args.queries.display(), i + 1))?;
                 Ok(RerankRequest::new(s.query, s.documents))
             })
             .collect::<Result<_>>()?
     };
-    let requests: Vec<RerankRequest> = requests.into_iter().take(args.limit.unwrap_or(usize::MAX)).collect();
+    let requests: Vec<RerankRequest> = requests
+        .into_iter()
+        .take(args.limit.unwrap_or(usize::MAX))
+        .collect();
     if requests.is_empty() {
         bail!("no sample requests with more than {} documents", args.top_k);
     }
     let recs: Vec<Vec<Vec<f32>>> = match &args.scores_cache {
         Some(p) if p.is_file() => serde_json::from_str(&std::fs::read_to_string(p)?)?,
         _ => {
-            eprintln!("recording per-layer scores of {} requests...", requests.len());
+            eprintln!(
+                "recording per-layer scores of {} requests...",
+                requests.len()
+            );
             let mut recs = Vec::new();
             for r in &requests {
                 recs.push(reranker.layer_scores(r)?.0);
@@ -149,11 +171,21 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             recs
         }
     };
-    let thresholds = if args.thresholds.is_empty() { default_thresholds() } else { args.thresholds.clone() };
+    let thresholds = if args.thresholds.is_empty() {
+        default_thresholds()
+    } else {
+        args.thresholds.clone()
+    };
     let rows = sweep(&recs, args.top_k, &base, &thresholds);
-    println!("{:>10} {:>10} {:>8} {:>8}", "threshold", "agreement", "min", "compute");
+    println!(
+        "{:>10} {:>10} {:>8} {:>8}",
+        "threshold", "agreement", "min", "compute"
+    );
     for r in &rows {
-        println!("{:>10.4} {:>10.4} {:>8.2} {:>8.3}", r.threshold, r.agreement, r.min_agreement, r.compute_share);
+        println!(
+            "{:>10.4} {:>10.4} {:>8.2} {:>8.3}",
+            r.threshold, r.agreement, r.min_agreement, r.compute_share
+        );
     }
     // Agreement is not monotone in the threshold in general: take the lowest threshold from
     // which every higher one also meets the target.
@@ -168,7 +200,10 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     let (threshold, agreement, compute) = match chosen {
         Some(r) => (r.threshold, r.agreement, r.compute_share),
         None => {
-            eprintln!("no threshold reaches agreement {}; the profile disables pruning", args.target_agreement);
+            eprintln!(
+                "no threshold reaches agreement {}; the profile disables pruning",
+                args.target_agreement
+            );
             (f32::MAX, 1.0, 1.0)
         }
     };

@@ -46,14 +46,22 @@ pub struct Recorded {
     pub layer_scores: Vec<Vec<f32>>,
 }
 
-pub fn record(reranker: &Reranker, data: &Dl19, n: usize, limit: Option<usize>) -> Result<Vec<Recorded>> {
+pub fn record(
+    reranker: &Reranker,
+    data: &Dl19,
+    n: usize,
+    limit: Option<usize>,
+) -> Result<Vec<Recorded>> {
     let mut out = Vec::new();
     for (qid, query) in data.queries.iter().take(limit.unwrap_or(usize::MAX)) {
         let doc_idx = data.candidates(query, n);
         if doc_idx.is_empty() {
             continue;
         }
-        let mut req = RerankRequest::new(query.clone(), doc_idx.iter().map(|&d| data.doc_texts[d].clone()).collect());
+        let mut req = RerankRequest::new(
+            query.clone(),
+            doc_idx.iter().map(|&d| data.doc_texts[d].clone()).collect(),
+        );
         req.mode = Mode::Grating;
         let (layer_scores, _) = reranker.layer_scores(&req)?;
         out.push(Recorded {
@@ -99,7 +107,11 @@ pub fn score_rows(data: &Dl19, recs: &[Recorded], n: usize, k: usize, cfg: &Prun
         full.sort_by(|&a, &b| last[b].total_cmp(&last[a]).then(a.cmp(&b)));
         let rep = replay(cfg, &r.layer_scores, k);
         let grating: Vec<usize> = rep.ranking.iter().map(|x| x.0).collect();
-        let ids = |v: &[usize]| -> Vec<&str> { v.iter().map(|&i| data.doc_ids[r.doc_idx[i]].as_str()).collect() };
+        let ids = |v: &[usize]| -> Vec<&str> {
+            v.iter()
+                .map(|&i| data.doc_ids[r.doc_idx[i]].as_str())
+                .collect()
+        };
         let (fi, gi) = (ids(&full), ids(&grating));
         let kk = k.min(10);
         row.ndcg10_full += ndcg_at(&fi, qrels, 10);
@@ -132,7 +144,10 @@ pub fn score_rows(data: &Dl19, recs: &[Recorded], n: usize, k: usize, cfg: &Prun
 pub fn run(args: EvalArgs) -> Result<()> {
     let opts = args.model.engine_options()?;
     if !args.data.join("qrels.tsv").is_file() {
-        bail!("{}: not a TREC DL directory (no qrels.tsv)", args.data.display());
+        bail!(
+            "{}: not a TREC DL directory (no qrels.tsv)",
+            args.data.display()
+        );
     }
     let data = Dl19::load(&args.data)?;
     let reranker = Reranker::load(&args.model.model, &opts)?;
@@ -149,15 +164,26 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string(&serde_json::json!({"model": args.model.model, "prune": cfg, "rows": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string(
+                &serde_json::json!({"model": args.model.model, "prune": cfg, "rows": rows})
+            )?
+        );
         return Ok(());
     }
     println!(
         "model {} | prune {:?}, threshold {}, first layer {} | nDCG uses linear gains (trec_eval)",
         args.model.model, cfg.mode, cfg.threshold, cfg.first_layer
     );
-    println!("{:>4} {:>3} {:>4} | {:>9} | {:>9} {:>9} | {:>7} {:>7} | {:>9} {:>7} | {:>7} | {}", "N", "K", "q", "nDCG@10", "nDCG@K", "nDCG@K", "P@K", "P@K", "agree@K", "min", "compute", "engine");
-    println!("{:>4} {:>3} {:>4} | {:>9} | {:>9} {:>9} | {:>7} {:>7} | {:>9} {:>7} | {:>7} | {}", "", "", "", "full", "full", "grating", "full", "grating", "", "", "share", "mismatch");
+    println!(
+        "{:>4} {:>3} {:>4} | {:>9} | {:>9} {:>9} | {:>7} {:>7} | {:>9} {:>7} | {:>7} | engine",
+        "N", "K", "q", "nDCG@10", "nDCG@K", "nDCG@K", "P@K", "P@K", "agree@K", "min", "compute",
+    );
+    println!(
+        "{:>4} {:>3} {:>4} | {:>9} | {:>9} {:>9} | {:>7} {:>7} | {:>9} {:>7} | {:>7} | mismatch",
+        "", "", "", "full", "full", "grating", "full", "grating", "", "", "share"
+    );
     for r in &rows {
         println!(
             "{:>4} {:>3} {:>4} | {:>9.4} | {:>9.4} {:>9.4} | {:>7.4} {:>7.4} | {:>9.4} {:>7.2} | {:>7.3} | {}",
@@ -170,15 +196,31 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
 /// Runs grating mode for real on each recorded query and counts queries whose top K differs
 /// from the replayed decision (it never should: both use the same rule on the same scores).
-fn check_engine(reranker: &Reranker, data: &Dl19, recs: &[Recorded], k: usize, cfg: &PruneConfig) -> Result<usize> {
+fn check_engine(
+    reranker: &Reranker,
+    data: &Dl19,
+    recs: &[Recorded],
+    k: usize,
+    cfg: &PruneConfig,
+) -> Result<usize> {
     let mut mismatches = 0;
     for r in recs {
-        let mut req = RerankRequest::new(r.query.clone(), r.doc_idx.iter().map(|&d| data.doc_texts[d].clone()).collect());
+        let mut req = RerankRequest::new(
+            r.query.clone(),
+            r.doc_idx
+                .iter()
+                .map(|&d| data.doc_texts[d].clone())
+                .collect(),
+        );
         req.top_k = Some(k);
         req.prune = cfg.clone();
         let out = reranker.rerank(&req, None)?;
         let got: Vec<usize> = out.ranked.iter().map(|s| s.index).collect();
-        let want: Vec<usize> = replay(cfg, &r.layer_scores, k).ranking.iter().map(|x| x.0).collect();
+        let want: Vec<usize> = replay(cfg, &r.layer_scores, k)
+            .ranking
+            .iter()
+            .map(|x| x.0)
+            .collect();
         if got != want {
             tracing::warn!(qid = %r.qid, ?got, ?want, "engine and replay disagree");
             mismatches += 1;

@@ -53,6 +53,10 @@ pub struct RerankArgs {
     /// Print per-request statistics (layers computed, pruning, timings) to stderr.
     #[arg(long)]
     pub stats: bool,
+    /// First stage: keep only the BM25 top N documents of the file for the query, as a
+    /// retrieval pipeline would, before reranking (indices still refer to the file).
+    #[arg(long)]
+    pub bm25_prefilter: Option<usize>,
 }
 
 struct Bar(ProgressBar);
@@ -67,10 +71,22 @@ impl Progress for Bar {
 pub fn run(args: RerankArgs) -> Result<()> {
     let opts = args.model.engine_options()?;
     let docs = read_documents(&args.docs)?;
+    // Positions in the file of the documents that are reranked.
+    let selected: Vec<usize> = match args.bm25_prefilter {
+        Some(n) => {
+            let bm = grating::eval::bm25::Bm25::new(docs.iter().map(|d| d.text.as_str()));
+            let top: Vec<usize> = bm.top(&args.query, n).into_iter().map(|(i, _)| i).collect();
+            if top.is_empty() {
+                bail!("no document shares a term with the query (BM25 prefilter found nothing)");
+            }
+            top
+        }
+        None => (0..docs.len()).collect(),
+    };
     let reranker = Reranker::load(&args.model.model, &opts)?;
     let mut req = RerankRequest::new(
         args.query.clone(),
-        docs.iter().map(|d| d.text.clone()).collect(),
+        selected.iter().map(|&i| docs[i].text.clone()).collect(),
     );
     req.top_k = args.top_k;
     req.mode = args.mode;
@@ -111,10 +127,11 @@ pub fn run(args: RerankArgs) -> Result<()> {
             .iter()
             .enumerate()
             .map(|(rank, s)| {
+                let i = selected[s.index];
                 serde_json::json!({
                     "rank": rank + 1,
-                    "index": s.index,
-                    "id": docs[s.index].id,
+                    "index": i,
+                    "id": docs[i].id,
                     "score": score(s.logit),
                 })
             })
@@ -122,15 +139,19 @@ pub fn run(args: RerankArgs) -> Result<()> {
         let v = serde_json::json!({"results": results, "stats": out.stats});
         println!("{}", serde_json::to_string(&v)?);
     } else {
-        println!("{:>5}  {:>6}  {:>10}  {:<20}  text", "rank", "index", "score", "id");
+        println!(
+            "{:>5}  {:>6}  {:>10}  {:<20}  text",
+            "rank", "index", "score", "id"
+        );
         for (rank, s) in out.ranked.iter().enumerate() {
-            let text: String = docs[s.index].text.chars().take(60).collect();
+            let i = selected[s.index];
+            let text: String = docs[i].text.chars().take(60).collect();
             println!(
                 "{:>5}  {:>6}  {:>10.5}  {:<20}  {}",
                 rank + 1,
-                s.index,
+                i,
                 score(s.logit),
-                docs[s.index].id,
+                docs[i].id,
                 text.replace('\n', " ")
             );
         }

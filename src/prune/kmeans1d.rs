@@ -116,8 +116,9 @@ fn solve_layer(
         let mut best_s = olo;
         // The last cluster [s, mid) needs at least one value, and the first s values need k-1.
         let s_hi = ohi.min(mid - 1);
-        for s in olo.max(k - 1)..=s_hi {
-            let c = prev[s] + cost.cost(s, mid);
+        let first = olo.max(k - 1);
+        for (s, &p) in prev.iter().enumerate().take(s_hi + 1).skip(first) {
+            let c = p + cost.cost(s, mid);
             if c < best {
                 best = c;
                 best_s = s;
@@ -170,7 +171,11 @@ mod tests {
             for (ki, c) in all.iter().enumerate() {
                 let k = ki + 1;
                 let want = brute_force(&v, k);
-                assert!((c.sse - want).abs() < 1e-9, "n={n} k={k}: {} vs {want}", c.sse);
+                assert!(
+                    (c.sse - want).abs() < 1e-9,
+                    "n={n} k={k}: {} vs {want}",
+                    c.sse
+                );
                 assert_eq!(c.starts.len(), k);
                 assert_eq!(c.starts[0], 0);
                 assert!(c.starts.windows(2).all(|w| w[0] < w[1]), "{:?}", c.starts);

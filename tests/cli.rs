@@ -1,0 +1,282 @@
+//! The `grating` binary on real files: it ranks, and bad input gets a clear message and a
+//! non-zero exit, never a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn grating(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_grating"))
+        .args(args)
+        .env(
+            "GRATING_PROFILE_DIR",
+            std::env::temp_dir().join("grating-test-profiles-none"),
+        )
+        .output()
+        .expect("run grating")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Asserts a clean failure whose message contains `needle`.
+fn fails_with(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("grating-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn model() -> Option<String> {
+    common::shared_model("minilm-l6-msmarco-distilled").map(|p| p.to_str().unwrap().to_string())
+}
+
+#[test]
+fn reranks_jsonl_and_plain_text_with_json_output() {
+    let Some(m) = model() else { return };
+    let d = tmp("ok");
+    let jsonl = d.join("docs.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"id\":\"a\",\"text\":\"Paris is the capital of France.\"}\n{\"id\":\"b\",\"text\":\"Bananas are yellow.\"}\n{\"id\":\"c\",\"text\":\"France's capital city is Paris, on the Seine.\"}\n",
+    )
+    .unwrap();
+    let o = grating(&[
+        "rerank",
+        "--model",
+        &m,
+        "--query",
+        "capital of france",
+        "--docs",
+        jsonl.to_str().unwrap(),
+        "--top-k",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    let ids: Vec<&str> = results.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&"a") && ids.contains(&"c"), "{ids:?}");
+    assert_eq!(results[0]["rank"], 1);
+    let s0 = results[0]["score"].as_f64().unwrap();
+    assert!(s0 > 0.0 && s0 < 1.0, "sigmoid scores are in (0, 1): {s0}");
+    assert!(v["stats"]["candidates"].as_u64() == Some(3));
+
+    let txt = d.join("docs.txt");
+    std::fs::write(
+        &txt,
+        "Bananas are yellow.\nParis is the capital of France.\n",
+    )
+    .unwrap();
+    let o = grating(&[
+        "rerank",
+        "--model",
+        &m,
+        "--query",
+        "capital of france",
+        "--docs",
+        txt.to_str().unwrap(),
+        "--raw-scores",
+        "--json",
+        "--mode",
+        "full",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["results"][0]["index"], 1);
+    assert!(
+        v["results"][0]["score"].as_f64().unwrap() > 1.0,
+        "raw logits are not squashed"
+    );
+}
+
+#[test]
+fn bad_documents_files_fail_cleanly() {
+    let Some(m) = model() else { return };
+    let d = tmp("bad");
+    let empty = d.join("empty.txt");
+    std::fs::write(&empty, "\n\n").unwrap();
+    fails_with(
+        &grating(&[
+            "rerank",
+            "--model",
+            &m,
+            "--query",
+            "q",
+            "--docs",
+            empty.to_str().unwrap(),
+        ]),
+        "no documents",
+    );
+
+    let bad_utf8 = d.join("bad.txt");
+    std::fs::write(&bad_utf8, b"fine line\nbroken \xff\xfe line\n").unwrap();
+    fails_with(
+        &grating(&[
+            "rerank",
+            "--model",
+            &m,
+            "--query",
+            "q",
+            "--docs",
+            bad_utf8.to_str().unwrap(),
+        ]),
+        "invalid UTF-8 on line 2",
+    );
+
+    let ok = d.join("ok.txt");
+    std::fs::write(&ok, "some document\n").unwrap();
+    fails_with(
+        &grating(&[
+            "rerank",
+            "--model",
+            &m,
+            "--query",
+            "   ",
+            "--docs",
+            ok.to_str().unwrap(),
+        ]),
+        "query is empty",
+    );
+    fails_with(
+        &grating(&[
+            "rerank",
+            "--model",
+            &m,
+            "--query",
+            "q",
+            "--docs",
+            d.join("missing.txt").to_str().unwrap(),
+        ]),
+        "cannot read",
+    );
+    let bad_json = d.join("bad.jsonl");
+    std::fs::write(&bad_json, "{\"id\": 1}\n").unwrap();
+    fails_with(
+        &grating(&[
+            "rerank",
+            "--model",
+            &m,
+            "--query",
+            "q",
+            "--docs",
+            bad_json.to_str().unwrap(),
+        ]),
+        "line 1",
+    );
+}
+
+#[test]
+fn huge_document_is_truncated_and_scored() {
+    let Some(m) = model() else { return };
+    let d = tmp("huge");
+    let f = d.join("docs.txt");
+    let huge: String = "reranking engines score passages against queries ".repeat(2100); // > 100k chars
+    assert!(huge.len() > 100_000);
+    std::fs::write(&f, format!("{huge}\nshort passage about engines\n")).unwrap();
+    let o = grating(&[
+        "rerank",
+        "--model",
+        &m,
+        "--query",
+        "reranking engine",
+        "--docs",
+        f.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["results"].as_array().unwrap().len(), 2);
+    assert_eq!(v["stats"]["truncated"], 1);
+    assert!(v["stats"]["tokens"].as_u64().unwrap() <= 512 + 20);
+}
+
+/// A copy of the model directory (weights linked, not copied) with `edit` applied.
+fn model_copy(name: &str, edit: impl FnOnce(&Path)) -> Option<PathBuf> {
+    let src = common::shared_model("minilm-l6-msmarco-distilled")?;
+    let d = tmp(name);
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::os::unix::fs::symlink(src.join(f), d.join(f)).unwrap();
+    }
+    edit(&d);
+    Some(d)
+}
+
+#[test]
+fn bad_models_fail_cleanly() {
+    let docs = tmp("docs-for-models").join("d.txt");
+    std::fs::write(&docs, "a document\n").unwrap();
+    let run = |dir: &Path| {
+        grating(&[
+            "rerank",
+            "--model",
+            dir.to_str().unwrap(),
+            "--query",
+            "q",
+            "--docs",
+            docs.to_str().unwrap(),
+        ])
+    };
+
+    let Some(unknown) = model_copy("unknown-arch", |d| {
+        std::fs::remove_file(d.join("config.json")).unwrap();
+        std::fs::write(
+            d.join("config.json"),
+            r#"{"architectures": ["MysteryForSequenceClassification"], "model_type": "mystery"}"#,
+        )
+        .unwrap();
+    }) else {
+        return;
+    };
+    fails_with(
+        &run(&unknown),
+        "unsupported architecture \"MysteryForSequenceClassification\"",
+    );
+
+    let Some(truncated) = model_copy("truncated", |d| {
+        let src = std::fs::read(d.join("model.safetensors")).unwrap();
+        std::fs::remove_file(d.join("model.safetensors")).unwrap();
+        std::fs::write(d.join("model.safetensors"), &src[..src.len() / 2]).unwrap();
+    }) else {
+        return;
+    };
+    fails_with(&run(&truncated), "truncated");
+
+    let Some(no_weights) = model_copy("no-weights", |d| {
+        std::fs::remove_file(d.join("model.safetensors")).unwrap()
+    }) else {
+        return;
+    };
+    fails_with(&run(&no_weights), "no model.safetensors");
+
+    let Some(garbage) = model_copy("garbage", |d| {
+        std::fs::remove_file(d.join("model.safetensors")).unwrap();
+        std::fs::write(
+            d.join("model.safetensors"),
+            b"this is not a safetensors file at all",
+        )
+        .unwrap();
+    }) else {
+        return;
+    };
+    fails_with(&run(&garbage), "model.safetensors");
+
+    fails_with(
+        &run(Path::new("/nonexistent/model/dir")),
+        "no such directory",
+    );
+}
