@@ -6,6 +6,10 @@
 
 FILE is jsonl, one request per line: {"qid": str, "query": str, "docs": [str, ...]}.
 
+With --serve instead of --requests it is a `grating bench` contender: it reads one request per
+line from stdin, answers each with {"qid", "seconds": float, "scores": [...]} at once, and at
+end of input prints {"peak_rss_mib": float}.
+
 stdout gets exactly one JSON line per request,
     {"qid": ..., "seconds": [wall seconds per repeat], "scores": [raw logits, doc order]}
 and one last line {"peak_rss_mib": float}. Everything else goes to stderr.
@@ -27,7 +31,8 @@ def log(*a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="local model directory (HF layout)")
-    ap.add_argument("--requests", required=True, help="jsonl file of requests")
+    ap.add_argument("--requests", help="jsonl file of requests")
+    ap.add_argument("--serve", action="store_true", help="answer requests from stdin, one per line")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1)
@@ -47,14 +52,18 @@ def main():
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
 
-        requests = []
-        with open(args.requests, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    requests.append(json.loads(line))
-        if not requests:
-            log("no requests")
+        if not args.serve and not args.requests:
+            log("need --requests FILE or --serve")
             return 2
+        requests = []
+        if args.requests:
+            with open(args.requests, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        requests.append(json.loads(line))
+            if not requests:
+                log("no requests")
+                return 2
 
         t0 = time.perf_counter()
         model = CrossEncoder(args.model, max_length=args.max_length, device="cpu", local_files_only=True)
@@ -74,10 +83,22 @@ def main():
                 )
             return [float(x) for x in s.reshape(len(docs), -1)[:, 0]]
 
-        first = requests[0]
-        t0 = time.perf_counter()
-        score(first["query"], first["docs"])
-        log(f"warm-up on {first['qid']}: {time.perf_counter() - t0:.3f}s")
+        if args.serve:
+            for line in sys.stdin:
+                if not line.strip():
+                    continue
+                req = json.loads(line)
+                t0 = time.perf_counter()
+                scores = score(req["query"], req["docs"])
+                seconds = time.perf_counter() - t0
+                out.write(json.dumps({"qid": req["qid"], "seconds": seconds, "scores": scores}) + "\n")
+                out.flush()
+            requests = []
+        else:
+            first = requests[0]
+            t0 = time.perf_counter()
+            score(first["query"], first["docs"])
+            log(f"warm-up on {first['qid']}: {time.perf_counter() - t0:.3f}s")
 
         for req in requests:
             seconds = []

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod models;
 pub mod ops;
 pub mod prune;
+pub mod synth;
 pub mod tokenize;
 pub mod weights;
 

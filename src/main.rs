@@ -25,6 +25,8 @@ enum Command {
     Calibrate(cli::calibrate::CalibrateArgs),
     /// Measure latency and peak memory of modes side by side in one run.
     Bench(cli::bench::BenchArgs),
+    /// Write a random-weight checkpoint with a published reranker's configuration.
+    SynthModel(cli::synth::SynthArgs),
     /// Internal: one benchmark contender serving requests on stdin.
     #[command(hide = true)]
     BenchWorker(cli::bench::WorkerArgs),
@@ -45,6 +47,7 @@ fn main() {
         Command::Calibrate(a) => cli::calibrate::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::BenchWorker(a) => cli::bench::worker(a),
+        Command::SynthModel(a) => cli::synth::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

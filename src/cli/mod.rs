@@ -6,3 +6,4 @@ pub mod common;
 pub mod docs;
 pub mod eval;
 pub mod rerank;
+pub mod synth;
