@@ -115,6 +115,13 @@ pub struct WorkerArgs {
     pub chunk_tokens: usize,
 }
 
+fn weights_arg(w: grating::engine::WeightsMode) -> &'static str {
+    match w {
+        grating::engine::WeightsMode::Resident => "resident",
+        grating::engine::WeightsMode::Stream => "stream",
+    }
+}
+
 pub fn parse_schedule(s: &str) -> Result<Vec<(usize, f32)>> {
     s.split(',')
         .map(|part| {
@@ -325,6 +332,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 c.arg("bench-worker")
                     .args(["--model", &args.model.model, "--device", &args.model.device])
                     .args(["--threads", &threads.to_string(), "--mode", name])
+                    .args(["--weights", weights_arg(args.model.weights)])
+                    .args(["--embedding-cache", &args.model.embedding_cache.to_string()])
                     .args(["--batch-size", &args.batch_size.to_string()])
                     .args(["--chunk-tokens", &args.chunk_tokens.to_string()])
                     .args(["--prune", &args.prune.prune]);

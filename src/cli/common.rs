@@ -16,6 +16,13 @@ pub struct ModelArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// resident: load every layer at start; stream: keep two layers, read the next while the
+    /// current one computes, and cache only the embedding rows requests use.
+    #[arg(long, default_value = "resident")]
+    pub weights: grating::engine::WeightsMode,
+    /// Streaming: share of the vocabulary the embedding-row cache may keep (LRU).
+    #[arg(long, default_value_t = 0.1)]
+    pub embedding_cache: f32,
 }
 
 impl ModelArgs {
@@ -29,6 +36,8 @@ impl ModelArgs {
         Ok(grating::EngineOptions {
             device: parse_device(&self.device)?,
             dtype: None,
+            weights: self.weights,
+            embedding_cache_share: self.embedding_cache,
         })
     }
 }

@@ -3,7 +3,7 @@
 //! Batches are packed (no padding) so the baseline wastes no work either.
 
 use super::stats::RequestStats;
-use super::Progress;
+use super::{Layers, Progress};
 use crate::error::Result;
 use crate::models::{PackedBatch, RerankModel};
 use crate::tokenize::EncodedPair;
@@ -25,8 +25,9 @@ pub(crate) fn pack(pairs: &[EncodedPair], members: &[usize]) -> PackedBatch {
 }
 
 /// Scores every candidate at the last layer; returns logits in candidate order.
-pub fn score_all(
+pub(crate) fn score_all(
     model: &dyn RerankModel,
+    layers: &mut Layers<'_>,
     pairs: &[EncodedPair],
     batch_size: usize,
     stats: &mut RequestStats,
@@ -39,16 +40,18 @@ pub fn score_all(
     let mut scores = vec![f32::NAN; pairs.len()];
     let batch_size = batch_size.max(1);
     let total_batches = order.len().div_ceil(batch_size);
-    let layers: Vec<_> = (0..num_layers)
-        .map(|i| model.layer(i))
-        .collect::<Result<_>>()?;
     for (bi, members) in order.chunks(batch_size).enumerate() {
         let batch = pack(pairs, members);
         let t = Instant::now();
         let mut hidden = model.embed(&batch)?;
-        for layer in &layers {
+        // With streamed weights every batch reads every layer again, as offloading runtimes do.
+        layers.begin((0..num_layers).collect());
+        for l in 0..num_layers {
+            let (layer, stall) = layers.get(l)?;
+            stats.stall_seconds += stall;
             hidden = layer.forward(&hidden, &batch)?;
         }
+        layers.end();
         let s = model.score(&hidden, &batch)?;
         for (&i, v) in members.iter().zip(s) {
             scores[i] = v;

@@ -7,10 +7,11 @@ pub mod monolithic;
 pub mod stats;
 
 use crate::error::{GratingError, Result};
-use crate::models::{self, LoadOptions, ModelInfo, RerankModel};
+use crate::models::{self, LayerBlock, LoadOptions, ModelInfo, RerankModel};
 use crate::prune::PruneConfig;
 use crate::tokenize::{EncodeOptions, EncodedPair, PairEncoder, Truncation};
-use crate::weights::{MmapSource, ModelFiles, WeightIndex};
+use crate::weights::stream::{layer_plans, LayerPlan, LayerStream};
+use crate::weights::{MmapSource, ModelFiles, PreadFiles, PreadSource, WeightIndex};
 use candle_core::{DType, Device};
 pub use stats::{LayerTiming, PruneEvent, RequestStats};
 use std::sync::Arc;
@@ -42,12 +43,37 @@ pub trait Progress: Sync {
     fn step(&self, done: usize, total: usize);
 }
 
+/// Where layer weights live while requests run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightsMode {
+    /// Every layer loaded once, at start.
+    Resident,
+    /// Two layers' bytes resident; the next layer is read while the current one computes,
+    /// and only the embedding rows requests use are kept.
+    Stream,
+}
+
+impl std::str::FromStr for WeightsMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "resident" => Ok(WeightsMode::Resident),
+            "stream" => Ok(WeightsMode::Stream),
+            _ => Err(format!("unknown weights mode {s:?} (resident, stream)")),
+        }
+    }
+}
+
 /// Engine-wide settings fixed at load time.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub device: Device,
     /// Compute dtype; f32 on CPU unless asked otherwise.
     pub dtype: Option<DType>,
+    pub weights: WeightsMode,
+    /// Streaming only: share of the vocabulary the embedding-row cache may keep.
+    pub embedding_cache_share: f32,
 }
 
 impl Default for EngineOptions {
@@ -55,7 +81,60 @@ impl Default for EngineOptions {
         EngineOptions {
             device: Device::Cpu,
             dtype: None,
+            weights: WeightsMode::Resident,
+            embedding_cache_share: 0.1,
         }
+    }
+}
+
+/// What a streaming reranker needs to read layers during a pass.
+pub(crate) struct Streaming {
+    files: Arc<PreadFiles>,
+    plans: Arc<Vec<LayerPlan>>,
+    dtype: DType,
+    device: Device,
+}
+
+/// Supplies the layers of one pass: resident ones directly, streamed ones through a
+/// read-ahead stream started for the pass.
+pub(crate) struct Layers<'a> {
+    model: &'a dyn RerankModel,
+    streaming: Option<&'a Streaming>,
+    stream: Option<LayerStream>,
+}
+
+impl<'a> Layers<'a> {
+    pub(crate) fn new(model: &'a dyn RerankModel, streaming: Option<&'a Streaming>) -> Self {
+        Layers {
+            model,
+            streaming,
+            stream: None,
+        }
+    }
+
+    /// Announces the layers the pass will ask for, in order (streaming reads them ahead).
+    pub(crate) fn begin(&mut self, order: Vec<usize>) {
+        self.stream = self.streaming.map(|s| {
+            LayerStream::start(
+                s.files.clone(),
+                s.plans.clone(),
+                order,
+                s.dtype,
+                s.device.clone(),
+            )
+        });
+    }
+
+    /// Layer `l` and the seconds spent waiting for its weights.
+    pub(crate) fn get(&mut self, l: usize) -> Result<(Arc<dyn LayerBlock>, f64)> {
+        match &mut self.stream {
+            Some(st) => st.next(self.model, l),
+            None => Ok((self.model.layer(l)?, 0.0)),
+        }
+    }
+
+    pub(crate) fn end(&mut self) {
+        self.stream = None;
     }
 }
 
@@ -128,6 +207,8 @@ pub struct Reranker {
     encoder: PairEncoder,
     files: ModelFiles,
     model_id: String,
+    streaming: Option<Streaming>,
+    weights: WeightsMode,
 }
 
 impl Reranker {
@@ -143,19 +224,48 @@ impl Reranker {
         } else {
             DType::F16
         });
-        let src = MmapSource::open(index, dtype, opts.device.clone())?;
         let load = LoadOptions {
             device: opts.device.clone(),
             dtype,
-            resident_layers: true,
+            resident_layers: opts.weights == WeightsMode::Resident,
             yes_no_ids: encoder.yes_no_ids,
         };
-        let model_arc = models::load_model(&files, &src, &load)?;
+        let (model_arc, streaming) = match opts.weights {
+            WeightsMode::Resident => {
+                let src = MmapSource::open(index, dtype, opts.device.clone())?;
+                (models::load_model(&files, &src, &load)?, None)
+            }
+            WeightsMode::Stream => {
+                if !(0.0..=1.0).contains(&opts.embedding_cache_share) {
+                    return Err(GratingError::InvalidInput(
+                        "embedding cache share must be in [0, 1]".into(),
+                    ));
+                }
+                let pf = Arc::new(PreadFiles::open(Arc::new(index))?);
+                let src = PreadSource {
+                    files: pf.clone(),
+                    dtype,
+                    device: opts.device.clone(),
+                    cache_share: opts.embedding_cache_share,
+                };
+                let m = models::load_model(&files, &src, &load)?;
+                let plans = Arc::new(layer_plans(&pf.index, m.as_ref())?);
+                let s = Streaming {
+                    files: pf,
+                    plans,
+                    dtype,
+                    device: opts.device.clone(),
+                };
+                (m, Some(s))
+            }
+        };
         Ok(Reranker {
             model: model_arc,
             encoder,
             files,
             model_id: model.to_string(),
+            streaming,
+            weights: opts.weights,
         })
     }
 
@@ -177,6 +287,21 @@ impl Reranker {
 
     pub fn encoder(&self) -> &PairEncoder {
         &self.encoder
+    }
+
+    pub fn weights_mode(&self) -> WeightsMode {
+        self.weights
+    }
+
+    /// Bytes of the largest layer on disk (what one streaming buffer holds).
+    pub fn max_layer_bytes(&self) -> Option<usize> {
+        self.streaming
+            .as_ref()
+            .map(|s| s.plans.iter().map(|p| p.bytes).max().unwrap_or(0))
+    }
+
+    pub(crate) fn layers(&self) -> Layers<'_> {
+        Layers::new(self.model.as_ref(), self.streaming.as_ref())
     }
 
     /// Tokenizes a request's pairs with its truncation settings.
@@ -228,6 +353,7 @@ impl Reranker {
                 stats.mode = "full".into();
                 let scores = full::score_all(
                     self.model.as_ref(),
+                    &mut self.layers(),
                     &pairs,
                     req.batch_size,
                     &mut stats,
@@ -246,6 +372,7 @@ impl Reranker {
                 stats.mode = "grating".into();
                 monolithic::run(
                     self.model.as_ref(),
+                    &mut self.layers(),
                     &pairs,
                     k,
                     req.chunk_tokens,
@@ -280,6 +407,7 @@ impl Reranker {
         let mut rec = Vec::new();
         monolithic::forward(
             self.model.as_ref(),
+            &mut self.layers(),
             &pairs,
             req.chunk_tokens,
             monolithic::Observer::Record(&mut rec),

@@ -8,7 +8,7 @@
 
 use super::full::{length_order, pack};
 use super::stats::{LayerTiming, RequestStats};
-use super::{Progress, Scored};
+use super::{Layers, Progress, Scored};
 use crate::error::Result;
 use crate::models::{PackedBatch, RerankModel};
 use crate::prune::state::PruneState;
@@ -134,6 +134,7 @@ pub(crate) enum Observer<'a> {
 /// candidates still live there.
 pub(crate) fn forward(
     model: &dyn RerankModel,
+    layers: &mut Layers<'_>,
     pairs: &[EncodedPair],
     chunk_tokens: usize,
     mut observer: Observer<'_>,
@@ -160,10 +161,12 @@ pub(crate) fn forward(
 
     let mut layers_done = vec![0u16; n];
     let mut finals = Vec::new();
+    layers.begin((0..num_layers).collect());
     for l in 0..num_layers {
         let layer_no = l + 1;
         let t = Instant::now();
-        let layer = model.layer(l)?;
+        let (layer, stall) = layers.get(l)?;
+        stats.stall_seconds += stall;
         let mut tokens = 0;
         for chunk in chunks.iter_mut() {
             chunk.hidden = layer.forward(&chunk.hidden, &chunk.batch)?;
@@ -212,7 +215,7 @@ pub(crate) fn forward(
             live_candidates: live_before,
             tokens,
             seconds: t.elapsed().as_secs_f64(),
-            stall_seconds: 0.0,
+            stall_seconds: stall,
         });
         if let Some(p) = progress {
             p.step(layer_no, num_layers);
@@ -221,14 +224,16 @@ pub(crate) fn forward(
             break;
         }
     }
+    layers.end();
     stats.compute_seconds += compute_start.elapsed().as_secs_f64();
     stats.layers_per_candidate = layers_done;
     Ok(finals)
 }
 
 /// Runs the request layer-major with pruning and returns its top `k`, best first.
-pub fn run(
+pub(crate) fn run(
     model: &dyn RerankModel,
+    layers: &mut Layers<'_>,
     pairs: &[EncodedPair],
     k: usize,
     chunk_tokens: usize,
@@ -240,6 +245,7 @@ pub fn run(
     let mut state = PruneState::new(prune, pairs.len(), k, model.info().num_layers);
     let finals = forward(
         model,
+        layers,
         pairs,
         chunk_tokens,
         Observer::Prune(&mut state),

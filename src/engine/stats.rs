@@ -42,6 +42,8 @@ pub struct RequestStats {
     pub layer_timings: Vec<LayerTiming>,
     pub flops: f64,
     pub gflops_per_second: f64,
+    /// Time the compute thread waited for streamed weights, summed over layers.
+    pub stall_seconds: f64,
     pub tokenize_seconds: f64,
     pub compute_seconds: f64,
     pub total_seconds: f64,

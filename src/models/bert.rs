@@ -11,7 +11,7 @@ use super::{
 };
 use crate::error::{GratingError, Result};
 use crate::ops::{self, AttentionShape};
-use crate::weights::TensorSource;
+use crate::weights::{EmbeddingTable, TensorSource};
 use candle_core::Tensor;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -104,7 +104,7 @@ pub(crate) fn layer_norm_params(
 
 /// Word + position + token-type embeddings, then LayerNorm.
 pub(crate) struct Embeddings {
-    word: Tensor,
+    word: EmbeddingTable,
     position: Tensor,
     token_type: Option<Tensor>,
     ln_w: Tensor,
@@ -130,7 +130,7 @@ impl Embeddings {
         };
         let (ln_w, ln_b) = layer_norm_params(src, &format!("{prefix}LayerNorm."), d)?;
         Ok(Embeddings {
-            word: src.get(
+            word: src.embedding(
                 &format!("{prefix}word_embeddings.weight"),
                 &[cfg.vocab_size, d],
             )?,
@@ -147,8 +147,8 @@ impl Embeddings {
     }
 
     pub(crate) fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let dev = self.word.device();
-        let vocab = self.word.dim(0)?;
+        let dev = self.position.device();
+        let vocab = self.word.rows();
         if let Some(bad) = batch.input_ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(GratingError::InvalidInput(format!(
                 "token id {bad} outside the vocabulary of {vocab}"
@@ -170,9 +170,8 @@ impl Embeddings {
             }
         }
         let n = batch.num_tokens();
-        let ids = Tensor::from_slice(&batch.input_ids, n, dev)?;
         let pos = Tensor::from_slice(&positions, n, dev)?;
-        let mut x = (self.word.index_select(&ids, 0)? + self.position.index_select(&pos, 0)?)?;
+        let mut x = (self.word.lookup(&batch.input_ids)? + self.position.index_select(&pos, 0)?)?;
         if let Some(tt) = &self.token_type {
             let types = Tensor::from_slice(&batch.type_ids, n, dev)?;
             x = (x + tt.index_select(&types, 0)?)?;

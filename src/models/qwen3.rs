@@ -12,7 +12,7 @@ use super::{
 };
 use crate::error::{GratingError, Result};
 use crate::ops::{self, AttentionShape, RopeTable};
-use crate::weights::TensorSource;
+use crate::weights::{EmbeddingTable, TensorSource};
 use candle_core::Tensor;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -216,7 +216,7 @@ pub struct Qwen3Reranker {
     cfg: Config,
     info: ModelInfo,
     prefix: String,
-    embed_tokens: Tensor,
+    embed_tokens: EmbeddingTable,
     layers: Vec<Arc<dyn LayerBlock>>,
     head: LastTokenHead,
     rope: Arc<RopeTable>,
@@ -239,7 +239,7 @@ impl Qwen3Reranker {
         }
         .to_string();
         let embed_name = format!("{prefix}embed_tokens.weight");
-        let embed_tokens = src.get(&embed_name, &[cfg.vocab_size, d])?;
+        let embed_tokens = src.embedding(&embed_name, &[cfg.vocab_size, d])?;
         let norm = src.get(&format!("{prefix}norm.weight"), &[d])?;
         let (proj, score_kind) = if architecture == "Qwen3ForSequenceClassification" {
             let labels = head_labels(src, "score.weight")?;
@@ -261,13 +261,15 @@ impl Qwen3Reranker {
                 }
             }
             // Only the "yes" and "no" rows of the LM head are ever needed.
-            let head_src = if src.contains("lm_head.weight") && !cfg.tie_word_embeddings {
-                src.get("lm_head.weight", &[cfg.vocab_size, d])?
+            let head_name = if src.contains("lm_head.weight") && !cfg.tie_word_embeddings {
+                "lm_head.weight".to_string()
             } else {
-                embed_tokens.clone()
+                embed_name.clone()
             };
-            let ids = Tensor::from_slice(&[yes, no], 2, head_src.device())?;
-            (head_src.index_select(&ids, 0)?, ScoreKind::YesNoLogit)
+            (
+                src.rows(&head_name, &[cfg.vocab_size, d], &[yes, no])?,
+                ScoreKind::YesNoLogit,
+            )
         };
         let max_length = cfg.max_position_embeddings.min(DEFAULT_MAX_LENGTH);
         let rope = Arc::new(RopeTable::new(
@@ -339,12 +341,7 @@ impl RerankModel for Qwen3Reranker {
                 )));
             }
         }
-        let ids = Tensor::from_slice(
-            &batch.input_ids,
-            batch.num_tokens(),
-            self.embed_tokens.device(),
-        )?;
-        Ok(self.embed_tokens.index_select(&ids, 0)?)
+        self.embed_tokens.lookup(&batch.input_ids)
     }
 
     fn layer(&self, i: usize) -> Result<Arc<dyn LayerBlock>> {

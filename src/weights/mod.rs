@@ -4,9 +4,13 @@
 //! The index keeps each tensor's absolute byte range, so the same index serves the resident
 //! store (memory map, read once at load) and the streaming store (positioned reads per layer).
 
+pub mod pread;
+pub mod stream;
+
 use crate::error::{GratingError, Result};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
+pub use pread::{EmbeddingTable, PreadFiles, PreadSource, RowCache};
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
 use std::collections::HashMap;
@@ -295,6 +299,19 @@ pub trait TensorSource {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
     fn contains(&self, name: &str) -> bool;
     fn shape_of(&self, name: &str) -> Option<Vec<usize>>;
+
+    /// Rows `ids` of the 2-D tensor `name` (e.g. the two LM-head rows a yes/no head needs),
+    /// without materialising the rest where the source can avoid it.
+    fn rows(&self, name: &str, shape: &[usize], ids: &[u32]) -> Result<Tensor> {
+        let t = self.get(name, shape)?;
+        let idx = Tensor::from_slice(ids, ids.len(), t.device())?;
+        Ok(t.index_select(&idx, 0)?)
+    }
+
+    /// An embedding table: resident by default, row-cached by streaming sources.
+    fn embedding(&self, name: &str, shape: &[usize]) -> Result<EmbeddingTable> {
+        Ok(EmbeddingTable::Resident(self.get(name, shape)?))
+    }
 }
 
 /// Builds a tensor from its on-disk bytes, converting to `dtype` on `device`.
@@ -368,6 +385,33 @@ impl TensorSource for MmapSource {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let e = self.index.entry(name)?;
         tensor_from_bytes(name, self.bytes(name)?, e, shape, self.dtype, &self.device)
+    }
+    fn rows(&self, name: &str, shape: &[usize], ids: &[u32]) -> Result<Tensor> {
+        let e = self.index.entry(name)?;
+        if e.shape != shape || shape.len() != 2 {
+            return Err(GratingError::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: e.shape.clone(),
+            });
+        }
+        let row_bytes = shape[1] * e.dtype.size_in_bytes();
+        let all = self.bytes(name)?;
+        let mut picked = Vec::with_capacity(ids.len() * row_bytes);
+        for &id in ids {
+            if id as usize >= shape[0] {
+                return Err(GratingError::InvalidInput(format!(
+                    "row {id} outside `{name}` ({} rows)",
+                    shape[0]
+                )));
+            }
+            picked.extend_from_slice(&all[id as usize * row_bytes..(id as usize + 1) * row_bytes]);
+        }
+        let sub = TensorEntry {
+            shape: vec![ids.len(), shape[1]],
+            ..e.clone()
+        };
+        tensor_from_bytes(name, &picked, &sub, &sub.shape, self.dtype, &self.device)
     }
     fn contains(&self, name: &str) -> bool {
         self.index.contains(name)

@@ -1,0 +1,204 @@
+//! Overlapped layer streaming: an I/O thread reads the next layer's tensors with `pread` into
+//! one of two reusable buffers while the compute thread runs the current layer; a buffer goes
+//! back to the I/O thread as soon as its layer is built, and is refilled with the layer after
+//! next. At most two layers' raw bytes plus the layer being computed are ever in memory.
+
+use super::pread::PreadFiles;
+use super::{tensor_from_bytes, TensorEntry, TensorSource, WeightIndex};
+use crate::error::{GratingError, Result};
+use crate::models::{LayerBlock, RerankModel};
+use candle_core::{DType, Device, Tensor};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Where one layer's tensors are on disk.
+#[derive(Debug, Clone)]
+pub struct LayerPlan {
+    pub tensors: Vec<(String, TensorEntry)>,
+    pub bytes: usize,
+}
+
+/// The read plan of every layer: all tensors under the model's per-layer name prefix.
+pub fn layer_plans(index: &WeightIndex, model: &dyn RerankModel) -> Result<Vec<LayerPlan>> {
+    (0..model.num_layers())
+        .map(|l| {
+            let prefix = model.layer_prefix(l);
+            let mut tensors: Vec<(String, TensorEntry)> = index
+                .entries
+                .iter()
+                .filter(|(n, _)| n.starts_with(&prefix))
+                .map(|(n, e)| (n.clone(), e.clone()))
+                .collect();
+            if tensors.is_empty() {
+                return Err(GratingError::MissingTensor {
+                    name: format!("{prefix}*"),
+                });
+            }
+            // File order makes the reads sequential.
+            tensors.sort_by_key(|(_, e)| (e.file, e.start));
+            let bytes = tensors.iter().map(|(_, e)| e.byte_len()).sum();
+            Ok(LayerPlan { tensors, bytes })
+        })
+        .collect()
+}
+
+struct Loaded {
+    layer: usize,
+    buf: Vec<u8>,
+}
+
+/// Serves one layer's tensors out of its read buffer.
+struct BufferSource<'a> {
+    plan: &'a LayerPlan,
+    buf: &'a [u8],
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl TensorSource for BufferSource<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let mut off = 0;
+        for (n, e) in &self.plan.tensors {
+            if n == name {
+                return tensor_from_bytes(
+                    name,
+                    &self.buf[off..off + e.byte_len()],
+                    e,
+                    shape,
+                    self.dtype,
+                    self.device,
+                );
+            }
+            off += e.byte_len();
+        }
+        Err(GratingError::MissingTensor {
+            name: name.to_string(),
+        })
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.plan.tensors.iter().any(|(n, _)| n == name)
+    }
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.plan
+            .tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, e)| e.shape.clone())
+    }
+}
+
+/// One pass of streamed layers in a fixed order.
+pub struct LayerStream {
+    plans: Arc<Vec<LayerPlan>>,
+    ready: Receiver<Result<Loaded>>,
+    free: Sender<Vec<u8>>,
+    io: Option<JoinHandle<()>>,
+    dtype: DType,
+    device: Device,
+}
+
+impl LayerStream {
+    /// Starts reading `order` ahead with two buffers.
+    pub fn start(
+        files: Arc<PreadFiles>,
+        plans: Arc<Vec<LayerPlan>>,
+        order: Vec<usize>,
+        dtype: DType,
+        device: Device,
+    ) -> LayerStream {
+        let (ready_tx, ready) = channel::<Result<Loaded>>();
+        let (free, free_rx) = channel::<Vec<u8>>();
+        let max = plans.iter().map(|p| p.bytes).max().unwrap_or(0);
+        for _ in 0..2 {
+            let _ = free.send(Vec::with_capacity(max));
+        }
+        let io_plans = plans.clone();
+        let io = std::thread::Builder::new()
+            .name("grating-layer-io".into())
+            .spawn(move || {
+                for layer in order {
+                    let Ok(mut buf) = free_rx.recv() else { return };
+                    let plan = &io_plans[layer];
+                    buf.resize(plan.bytes, 0);
+                    let mut off = 0;
+                    let mut result = Ok(());
+                    for (name, e) in &plan.tensors {
+                        let len = e.byte_len();
+                        if let Err(err) = files.read_entry(name, e, &mut buf[off..off + len]) {
+                            result = Err(err);
+                            break;
+                        }
+                        off += len;
+                    }
+                    let failed = result.is_err();
+                    let msg = result.map(|_| Loaded { layer, buf });
+                    if ready_tx.send(msg).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn layer I/O thread");
+        LayerStream {
+            plans,
+            ready,
+            free,
+            io: Some(io),
+            dtype,
+            device,
+        }
+    }
+
+    /// Waits for layer `layer` (the next in the order) and builds it. Returns the layer and the
+    /// seconds the caller waited for its bytes.
+    pub fn next(
+        &mut self,
+        model: &dyn RerankModel,
+        layer: usize,
+    ) -> Result<(Arc<dyn LayerBlock>, f64)> {
+        let t = Instant::now();
+        let loaded = match self.ready.recv() {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(GratingError::WeightFile {
+                    path: Default::default(),
+                    reason: format!("layer {layer}: the weight reader stopped"),
+                })
+            }
+        };
+        let stall = t.elapsed().as_secs_f64();
+        if loaded.layer != layer {
+            return Err(GratingError::InvalidInput(format!(
+                "streamed layer {} arrived when {layer} was expected",
+                loaded.layer
+            )));
+        }
+        let src = BufferSource {
+            plan: &self.plans[layer],
+            buf: &loaded.buf,
+            dtype: self.dtype,
+            device: &self.device,
+        };
+        let block = model.load_layer(layer, &src)?;
+        // The bytes are now converted into the layer's tensors: the buffer can take layer + 2.
+        let _ = self.free.send(loaded.buf);
+        Ok((block, stall))
+    }
+}
+
+impl Drop for LayerStream {
+    fn drop(&mut self) {
+        // Closing the free channel ends the reader at its next wait.
+        let (dead, _) = channel();
+        self.free = dead;
+        while self.ready.try_recv().is_ok() {}
+        if let Some(h) = self.io.take() {
+            // The reader may be blocked sending a finished layer; draining unblocks it.
+            while !h.is_finished() {
+                let _ = self.ready.recv_timeout(std::time::Duration::from_millis(1));
+            }
+            let _ = h.join();
+        }
+    }
+}
