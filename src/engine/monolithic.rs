@@ -231,6 +231,7 @@ pub(crate) fn forward(
 }
 
 /// Runs the request layer-major with pruning and returns its top `k`, best first.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     model: &dyn RerankModel,
     layers: &mut Layers<'_>,
