@@ -31,7 +31,8 @@ pub struct BenchArgs {
     pub candidates: usize,
     #[arg(long, default_value_t = 10)]
     pub top_k: usize,
-    /// Contenders, comma-separated: full, grating, st.
+    /// Contenders, comma-separated: full, grating, st; `full@stream` / `grating@resident`
+    /// override --weights for one contender.
     #[arg(long, value_delimiter = ',', default_value = "full,grating")]
     pub compare: Vec<String>,
     /// Timed repeats of each request per contender (the median is kept).
@@ -119,6 +120,7 @@ fn weights_arg(w: grating::engine::WeightsMode) -> &'static str {
     match w {
         grating::engine::WeightsMode::Resident => "resident",
         grating::engine::WeightsMode::Stream => "stream",
+        grating::engine::WeightsMode::Auto => "auto",
     }
 }
 
@@ -326,14 +328,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let mut workers = Vec::new();
     for name in &args.compare {
-        let cmd = match name.as_str() {
+        // `mode@weights` picks the weights mode per contender (e.g. grating@stream).
+        let (mode, weights) = match name.split_once('@') {
+            Some((m, w)) => (m, w.parse::<grating::engine::WeightsMode>().map_err(|e| anyhow!(e))?),
+            None => (name.as_str(), args.model.weights),
+        };
+        let cmd = match mode {
             "full" | "grating" => {
                 let mut c = Command::new(&exe);
                 c.arg("bench-worker")
                     .args(["--model", &args.model.model, "--device", &args.model.device])
-                    .args(["--threads", &threads.to_string(), "--mode", name])
-                    .args(["--weights", weights_arg(args.model.weights)])
-                    .args(["--embedding-cache", &args.model.embedding_cache.to_string()])
+                    .args(["--threads", &threads.to_string(), "--mode", mode])
+                    .args(["--weights", weights_arg(weights)])
+                    .args(["--embedding-cache", &args.model.embedding_cache.to_string()]);
+                if let Some(m) = args.model.max_memory {
+                    c.args(["--max-memory", &m.to_string()]);
+                }
+                c
                     .args(["--batch-size", &args.batch_size.to_string()])
                     .args(["--chunk-tokens", &args.chunk_tokens.to_string()])
                     .args(["--prune", &args.prune.prune]);
@@ -371,7 +382,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     .args(["--batch-size", &args.batch_size.to_string(), "--serve"]);
                 c
             }
-            other => bail!("unknown contender {other:?} (full, grating, st)"),
+            other => bail!("unknown contender {other:?} (full, grating, st; optionally @resident or @stream)"),
         };
         workers.push(Worker::spawn(name, cmd)?);
     }
@@ -422,7 +433,7 @@ fn report(
     peaks: &[f64],
     threads: usize,
 ) -> Result<()> {
-    let full_i = args.compare.iter().position(|c| c == "full");
+    let full_i = args.compare.iter().position(|c| c == "full" || c.starts_with("full@"));
     let st_i = args.compare.iter().position(|c| c == "st");
     let per_query_median = |wi: usize| -> Vec<f64> {
         results[wi]

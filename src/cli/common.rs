@@ -17,9 +17,14 @@ pub struct ModelArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// resident: load every layer at start; stream: keep two layers, read the next while the
-    /// current one computes, and cache only the embedding rows requests use.
-    #[arg(long, default_value = "resident")]
+    /// current one computes, and cache only the embedding rows requests use; auto: resident
+    /// when it fits --max-memory, else stream.
+    #[arg(long, default_value = "auto")]
     pub weights: grating::engine::WeightsMode,
+    /// Peak memory budget, e.g. 512MiB: picks resident or streaming weights, the chunk size and
+    /// hidden-state offload so the peak stays under it, or refuses naming the minimum needed.
+    #[arg(long, value_parser = grating::engine::budget::parse_size)]
+    pub max_memory: Option<u64>,
     /// Streaming: share of the vocabulary the embedding-row cache may keep (LRU).
     #[arg(long, default_value_t = 0.1)]
     pub embedding_cache: f32,
@@ -38,6 +43,7 @@ impl ModelArgs {
             dtype: None,
             weights: self.weights,
             embedding_cache_share: self.embedding_cache,
+            max_memory: self.max_memory,
         })
     }
 }

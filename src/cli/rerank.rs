@@ -53,6 +53,9 @@ pub struct RerankArgs {
     /// Print per-request statistics (layers computed, pruning, timings) to stderr.
     #[arg(long)]
     pub stats: bool,
+    /// Offload the hidden states of chunks not being computed to a temporary file.
+    #[arg(long)]
+    pub offload: bool,
     /// First stage: keep only the BM25 top N documents of the file for the query, as a
     /// retrieval pipeline would, before reranking (indices still refer to the file).
     #[arg(long)]
@@ -102,6 +105,7 @@ pub fn run(args: RerankArgs) -> Result<()> {
         Truncation::Right
     };
     req.instruction = args.instruction.clone();
+    req.offload = args.offload;
     req.prune = args.prune.config(reranker.files())?;
 
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());

@@ -2,8 +2,10 @@
 //! over the same model code: full inference (the baseline) and GRATING's monolithic,
 //! layer-major forwarding with progressive pruning.
 
+pub mod budget;
 pub mod full;
 pub mod monolithic;
+pub(crate) mod offload;
 pub mod stats;
 
 use crate::error::{GratingError, Result};
@@ -52,6 +54,8 @@ pub enum WeightsMode {
     /// Two layers' bytes resident; the next layer is read while the current one computes,
     /// and only the embedding rows requests use are kept.
     Stream,
+    /// Resident when it fits the memory budget, else streaming.
+    Auto,
 }
 
 impl std::str::FromStr for WeightsMode {
@@ -60,7 +64,8 @@ impl std::str::FromStr for WeightsMode {
         match s {
             "resident" => Ok(WeightsMode::Resident),
             "stream" => Ok(WeightsMode::Stream),
-            _ => Err(format!("unknown weights mode {s:?} (resident, stream)")),
+            "auto" => Ok(WeightsMode::Auto),
+            _ => Err(format!("unknown weights mode {s:?} (resident, stream, auto)")),
         }
     }
 }
@@ -74,6 +79,9 @@ pub struct EngineOptions {
     pub weights: WeightsMode,
     /// Streaming only: share of the vocabulary the embedding-row cache may keep.
     pub embedding_cache_share: f32,
+    /// Peak memory budget in bytes: with `WeightsMode::Auto` it picks resident or streaming,
+    /// and per request it picks the chunk size and offload (grating mode).
+    pub max_memory: Option<u64>,
 }
 
 impl Default for EngineOptions {
@@ -83,6 +91,7 @@ impl Default for EngineOptions {
             dtype: None,
             weights: WeightsMode::Resident,
             embedding_cache_share: 0.1,
+            max_memory: None,
         }
     }
 }
@@ -93,6 +102,7 @@ pub(crate) struct Streaming {
     plans: Arc<Vec<LayerPlan>>,
     dtype: DType,
     device: Device,
+    cache_share: f32,
 }
 
 /// Supplies the layers of one pass: resident ones directly, streamed ones through a
@@ -155,6 +165,8 @@ pub struct RerankRequest {
     pub truncate: bool,
     pub instruction: Option<String>,
     pub prune: PruneConfig,
+    /// Offload hidden states of chunks not being computed (grating mode).
+    pub offload: bool,
 }
 
 impl RerankRequest {
@@ -171,6 +183,7 @@ impl RerankRequest {
             truncate: true,
             instruction: None,
             prune: PruneConfig::default(),
+            offload: false,
         }
     }
 }
@@ -209,6 +222,8 @@ pub struct Reranker {
     model_id: String,
     streaming: Option<Streaming>,
     weights: WeightsMode,
+    max_memory: Option<u64>,
+    dtype: DType,
 }
 
 impl Reranker {
@@ -224,13 +239,39 @@ impl Reranker {
         } else {
             DType::F16
         });
+        let weights = match (opts.weights, opts.max_memory) {
+            (WeightsMode::Auto, None) => WeightsMode::Resident,
+            (WeightsMode::Auto, Some(budget)) => {
+                // Resident weights in the compute dtype, plus what runs already, plus room for
+                // one default chunk's activations.
+                let resident: u64 = index
+                    .entries
+                    .values()
+                    .map(|e| (e.shape.iter().product::<usize>() * dtype.size_in_bytes()) as u64)
+                    .sum();
+                let rss = (crate::memory::rss_mib().unwrap_or(0.0) * 1048576.0) as u64;
+                let cfg_text = &config_text;
+                let hidden = serde_json::from_str::<serde_json::Value>(cfg_text)
+                    .ok()
+                    .and_then(|v| v["hidden_size"].as_u64())
+                    .unwrap_or(1024);
+                let room = monolithic::DEFAULT_CHUNK_TOKENS as u64 * hidden * 16 * dtype.size_in_bytes() as u64;
+                if rss + resident + room <= budget {
+                    WeightsMode::Resident
+                } else {
+                    WeightsMode::Stream
+                }
+            }
+            (w, _) => w,
+        };
         let load = LoadOptions {
             device: opts.device.clone(),
             dtype,
-            resident_layers: opts.weights == WeightsMode::Resident,
+            resident_layers: weights == WeightsMode::Resident,
             yes_no_ids: encoder.yes_no_ids,
         };
-        let (model_arc, streaming) = match opts.weights {
+        let (model_arc, streaming) = match weights {
+            WeightsMode::Auto => unreachable!("auto resolved above"),
             WeightsMode::Resident => {
                 let src = MmapSource::open(index, dtype, opts.device.clone())?;
                 (models::load_model(&files, &src, &load)?, None)
@@ -255,6 +296,7 @@ impl Reranker {
                     plans,
                     dtype,
                     device: opts.device.clone(),
+                    cache_share: opts.embedding_cache_share,
                 };
                 (m, Some(s))
             }
@@ -265,7 +307,9 @@ impl Reranker {
             files,
             model_id: model.to_string(),
             streaming,
-            weights: opts.weights,
+            weights,
+            max_memory: opts.max_memory,
+            dtype,
         })
     }
 
@@ -298,6 +342,58 @@ impl Reranker {
         self.streaming
             .as_ref()
             .map(|s| s.plans.iter().map(|p| p.bytes).max().unwrap_or(0))
+    }
+
+    /// Chunk size and offload for a grating-mode request: the request's own unless a memory
+    /// budget is set, in which case the largest that fit (see [`budget`]).
+    fn plan_memory(&self, req: &RerankRequest, pairs: &[EncodedPair], stats: &mut RequestStats) -> Result<(usize, bool)> {
+        let Some(limit) = self.max_memory else {
+            return Ok((req.chunk_tokens, req.offload));
+        };
+        let info = self.info();
+        let b = self.dtype.size_in_bytes() as u64;
+        let stream_bytes = match &self.streaming {
+            Some(s) => {
+                let disk = s.plans.iter().map(|p| p.bytes as u64).max().unwrap_or(0);
+                let elems = |p: &LayerPlan| p.tensors.iter().map(|(_, e)| e.shape.iter().product::<usize>() as u64).sum::<u64>();
+                let built = s.plans.iter().map(elems).max().unwrap_or(0) * b;
+                let tensor = s
+                    .plans
+                    .iter()
+                    .flat_map(|p| p.tensors.iter().map(|(_, e)| e.shape.iter().product::<usize>() as u64))
+                    .max()
+                    .unwrap_or(0)
+                    * b;
+                (disk, built, tensor)
+            }
+            None => (0, 0, 0),
+        };
+        let embedding_growth = match &self.streaming {
+            Some(s) => (info.vocab_size as f64 * s.cache_share as f64).ceil() as u64 * info.hidden_size as u64 * 4,
+            None => 0,
+        };
+        let inputs = budget::BudgetInputs {
+            rss_now: (crate::memory::rss_mib().unwrap_or(0.0) * 1048576.0) as u64,
+            stream_bytes,
+            embedding_growth,
+            threads: crate::ops::threads(),
+            dtype_bytes: b,
+        };
+        let total: usize = pairs.iter().map(EncodedPair::len).sum();
+        let max_len = pairs.iter().map(EncodedPair::len).max().unwrap_or(1);
+        match budget::plan(info, &inputs, total, max_len, req.chunk_tokens, limit) {
+            Ok(p) => {
+                stats.predicted_peak_mib = p.predicted_peak_bytes as f64 / 1048576.0;
+                Ok((p.chunk_tokens, p.offload || req.offload))
+            }
+            Err(min) => Err(GratingError::MemoryBudget(format!(
+                "this request needs at least {:.0} MiB ({} candidates, {total} tokens, {:?} weights) but the budget is {:.0} MiB",
+                min as f64 / 1048576.0,
+                pairs.len(),
+                self.weights,
+                limit as f64 / 1048576.0
+            ))),
+        }
     }
 
     pub(crate) fn layers(&self) -> Layers<'_> {
@@ -370,12 +466,14 @@ impl Reranker {
             }
             Mode::Grating => {
                 stats.mode = "grating".into();
+                let (chunk_tokens, offload) = self.plan_memory(req, &pairs, &mut stats)?;
                 monolithic::run(
                     self.model.as_ref(),
                     &mut self.layers(),
                     &pairs,
                     k,
-                    req.chunk_tokens,
+                    chunk_tokens,
+                    offload,
                     &req.prune,
                     &mut stats,
                     progress,
@@ -410,6 +508,7 @@ impl Reranker {
             &mut self.layers(),
             &pairs,
             req.chunk_tokens,
+            req.offload,
             monolithic::Observer::Record(&mut rec),
             &mut stats,
             None,

@@ -14,7 +14,8 @@ use crate::models::{PackedBatch, RerankModel};
 use crate::prune::state::PruneState;
 use crate::prune::PruneConfig;
 use crate::tokenize::EncodedPair;
-use candle_core::Tensor;
+use super::offload::{Hidden, SpillFile};
+use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
 
 /// Tokens per chunk unless the request says otherwise: large enough that the GEMMs of a chunk
@@ -26,7 +27,7 @@ pub const DEFAULT_CHUNK_TOKENS: usize = 4096;
 pub(crate) struct Chunk {
     pub members: Vec<usize>,
     pub batch: PackedBatch,
-    pub hidden: Tensor,
+    pub hidden: Hidden,
 }
 
 /// Splits `members` (already in length order) into runs of at most `budget` tokens (a longer
@@ -61,6 +62,8 @@ fn repack(
     live: impl Fn(usize) -> bool,
     pairs: &[EncodedPair],
     budget: usize,
+    spill: Option<&SpillFile>,
+    (dtype, device): (DType, &Device),
 ) -> Result<Vec<Chunk>> {
     // (member, old chunk, first row, len) of each survivor, in order.
     let mut pieces = Vec::new();
@@ -88,8 +91,9 @@ fn repack(
                 return Ok(());
             }
             let c = old[ci].as_ref().expect("chunk still present");
-            let idx = Tensor::from_slice(rows.as_slice(), rows.len(), c.hidden.device())?;
-            parts.push(c.hidden.index_select(&idx, 0)?);
+            let hidden = c.hidden.get(spill, dtype, device)?;
+            let idx = Tensor::from_slice(rows.as_slice(), rows.len(), device)?;
+            parts.push(hidden.index_select(&idx, 0)?);
             rows.clear();
             Ok(())
         };
@@ -113,6 +117,10 @@ fn repack(
         } else {
             Tensor::cat(&parts, 0)?
         };
+        let hidden = match spill {
+            Some(s) => s.spill(&hidden)?,
+            None => Hidden::Resident(hidden),
+        };
         out.push(Chunk {
             batch: pack(pairs, &group),
             members: group,
@@ -131,12 +139,15 @@ pub(crate) enum Observer<'a> {
 }
 
 /// Runs all candidates layer-major. Returns the last layer's `(candidate, logit)` for the
-/// candidates still live there.
+/// candidates still live there. With `offload`, hidden states wait in a spill file between
+/// layers (see [`super::offload`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     model: &dyn RerankModel,
     layers: &mut Layers<'_>,
     pairs: &[EncodedPair],
     chunk_tokens: usize,
+    offload: bool,
     mut observer: Observer<'_>,
     stats: &mut RequestStats,
     progress: Option<&dyn Progress>,
@@ -146,18 +157,27 @@ pub(crate) fn forward(
     let n = pairs.len();
     let budget = chunk_tokens.max(1);
     let compute_start = Instant::now();
+    let spill = if offload { Some(SpillFile::new()?) } else { None };
+    let spill = spill.as_ref();
 
     let order = length_order(pairs);
     let mut chunks = Vec::new();
+    let mut dt = (DType::F32, Device::Cpu);
     for members in plan_chunks(pairs, &order, budget) {
         let batch = pack(pairs, &members);
         let hidden = model.embed(&batch)?;
+        dt = (hidden.dtype(), hidden.device().clone());
+        let hidden = match spill {
+            Some(s) => s.spill(&hidden)?,
+            None => Hidden::Resident(hidden),
+        };
         chunks.push(Chunk {
             members,
             batch,
             hidden,
         });
     }
+    let (dtype, device) = (dt.0, dt.1.clone());
 
     let mut layers_done = vec![0u16; n];
     let mut finals = Vec::new();
@@ -167,29 +187,73 @@ pub(crate) fn forward(
         let t = Instant::now();
         let (layer, stall) = layers.get(l)?;
         stats.stall_seconds += stall;
-        let mut tokens = 0;
-        for chunk in chunks.iter_mut() {
-            chunk.hidden = layer.forward(&chunk.hidden, &chunk.batch)?;
-            tokens += chunk.batch.num_tokens();
-            for (&m, &(_, len)) in chunk.members.iter().zip(&chunk.batch.layout.spans) {
-                layers_done[m] += 1;
-                stats.flops += info.layer_flops(len);
-            }
-        }
-        drop(layer);
         let is_last = layer_no == num_layers;
         let wants = match &observer {
             Observer::Prune(st) => is_last || st.wants_scores(layer_no),
             Observer::Record(_) => true,
         };
         let live_before: usize = chunks.iter().map(|c| c.members.len()).sum();
-        if wants {
-            let mut ids = Vec::with_capacity(live_before);
-            let mut scores = Vec::with_capacity(live_before);
-            for chunk in &chunks {
-                ids.extend_from_slice(&chunk.members);
-                scores.extend(model.score(&chunk.hidden, &chunk.batch)?);
+        let mut ids = Vec::with_capacity(live_before);
+        let mut scores = Vec::with_capacity(live_before);
+        let mut tokens = 0;
+        // With offload, chunk i+1 is read back and chunk i-1 written out while chunk i computes.
+        let mut next = match (spill, chunks.first()) {
+            (Some(s), Some(c)) => Some(c.hidden.get(Some(s), dtype, &device)?),
+            _ => None,
+        };
+        let mut pending_write: Option<(usize, Tensor)> = None;
+        for i in 0..chunks.len() {
+            let input = match next.take() {
+                Some(t) => t,
+                None => chunks[i].hidden.get(spill, dtype, &device)?,
+            };
+            let out = match spill {
+                None => layer.forward(&input, &chunks[i].batch)?,
+                Some(s) => {
+                    let ahead = chunks.get(i + 1).map(|c| match &c.hidden {
+                        Hidden::Spilled { at, rows, dim } => (*at, *rows, *dim),
+                        Hidden::Resident(_) => unreachable!("offloaded chunks are spilled between steps"),
+                    });
+                    let behind = pending_write.take();
+                    let batch = &chunks[i].batch;
+                    let dev = &device;
+                    let (out, read, written) = std::thread::scope(|sc| {
+                        let reader = ahead.map(|(at, rows, dim)| sc.spawn(move || s.load(at, rows, dim, dtype, dev)));
+                        let writer = behind.map(|(ci, t)| sc.spawn(move || s.spill(&t).map(|h| (ci, h))));
+                        let out = layer.forward(&input, batch);
+                        let read = reader.map(|h| h.join().expect("prefetch thread"));
+                        let written = writer.map(|h| h.join().expect("offload thread"));
+                        (out, read, written)
+                    });
+                    if let Some(w) = written {
+                        let (ci, h) = w?;
+                        chunks[ci].hidden = h;
+                    }
+                    next = read.transpose()?;
+                    out?
+                }
+            };
+            drop(input);
+            let chunk = &mut chunks[i];
+            tokens += chunk.batch.num_tokens();
+            for (&m, &(_, len)) in chunk.members.iter().zip(&chunk.batch.layout.spans) {
+                layers_done[m] += 1;
+                stats.flops += info.layer_flops(len);
             }
+            if wants {
+                ids.extend_from_slice(&chunk.members);
+                scores.extend(model.score(&out, &chunk.batch)?);
+            }
+            match spill {
+                Some(_) => pending_write = Some((i, out)),
+                None => chunk.hidden = Hidden::Resident(out),
+            }
+        }
+        if let (Some(s), Some((ci, t))) = (spill, pending_write.take()) {
+            chunks[ci].hidden = s.spill(&t)?;
+        }
+        drop(layer);
+        if wants {
             match &mut observer {
                 Observer::Record(rec) => {
                     let mut row = vec![f32::NAN; n];
@@ -201,7 +265,7 @@ pub(crate) fn forward(
                 Observer::Prune(st) if !is_last => {
                     if st.observe(layer_no, &ids, &scores) {
                         let st: &PruneState = st;
-                        chunks = repack(chunks, |m| st.is_live(m), pairs, budget)?;
+                        chunks = repack(chunks, |m| st.is_live(m), pairs, budget, spill, (dtype, &device))?;
                     }
                 }
                 Observer::Prune(_) => {}
@@ -225,6 +289,9 @@ pub(crate) fn forward(
         }
     }
     layers.end();
+    if let Some(s) = spill {
+        stats.offloaded_bytes = s.bytes_written.load(std::sync::atomic::Ordering::Relaxed);
+    }
     stats.compute_seconds += compute_start.elapsed().as_secs_f64();
     stats.layers_per_candidate = layers_done;
     Ok(finals)
@@ -238,6 +305,7 @@ pub(crate) fn run(
     pairs: &[EncodedPair],
     k: usize,
     chunk_tokens: usize,
+    offload: bool,
     prune: &PruneConfig,
     stats: &mut RequestStats,
     progress: Option<&dyn Progress>,
@@ -249,6 +317,7 @@ pub(crate) fn run(
         layers,
         pairs,
         chunk_tokens,
+        offload,
         Observer::Prune(&mut state),
         stats,
         progress,
@@ -303,14 +372,15 @@ mod tests {
             Chunk {
                 batch: pack(&pairs, &members),
                 members,
-                hidden: t,
+                hidden: Hidden::Resident(t),
             }
         };
         let chunks = vec![mk(vec![1, 0]), mk(vec![3, 2])];
-        let out = repack(chunks, |m| m != 0, &pairs, 100).unwrap();
+        let out = repack(chunks, |m| m != 0, &pairs, 100, None, (DType::F32, &dev)).unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].members, vec![1, 3, 2]);
-        let v: Vec<f32> = out[0].hidden.flatten_all().unwrap().to_vec1().unwrap();
+        let h = out[0].hidden.get(None, DType::F32, &dev).unwrap();
+        let v: Vec<f32> = h.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(v, vec![10.0, 11.0, 12.0, 30.0, 31.0, 20.0]);
         assert_eq!(out[0].batch.layout.spans, vec![(0, 3), (3, 2), (5, 1)]);
     }

@@ -44,11 +44,15 @@ pub struct RequestStats {
     pub gflops_per_second: f64,
     /// Time the compute thread waited for streamed weights, summed over layers.
     pub stall_seconds: f64,
+    /// Bytes of hidden states written to the spill file (0 without offload).
+    pub offloaded_bytes: u64,
     pub tokenize_seconds: f64,
     pub compute_seconds: f64,
     pub total_seconds: f64,
     /// Peak resident set of the process so far (VmHWM), MiB.
     pub peak_rss_mib: f64,
+    /// The memory budget's prediction of this request's peak, MiB (0 without a budget).
+    pub predicted_peak_mib: f64,
 }
 
 impl RequestStats {

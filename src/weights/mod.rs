@@ -381,10 +381,30 @@ impl MmapSource {
     }
 }
 
+impl MmapSource {
+    /// Releases the mapped pages of a tensor once it has been copied out, so loading does not
+    /// keep the whole file in the resident set next to the converted weights.
+    fn release(&self, e: &TensorEntry) {
+        let page = 4096;
+        let start = (e.start as usize).div_ceil(page) * page;
+        let end = (e.end as usize) / page * page;
+        if end > start {
+            // SAFETY: the map is read-only and private to this source; nothing holds references
+            // into the released range (the tensor was copied out). Pages are re-read from the
+            // file if touched again.
+            let _ = unsafe {
+                self.maps[e.file].unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
+}
+
 impl TensorSource for MmapSource {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let e = self.index.entry(name)?;
-        tensor_from_bytes(name, self.bytes(name)?, e, shape, self.dtype, &self.device)
+        let t = tensor_from_bytes(name, self.bytes(name)?, e, shape, self.dtype, &self.device)?;
+        self.release(e);
+        Ok(t)
     }
     fn rows(&self, name: &str, shape: &[usize], ids: &[u32]) -> Result<Tensor> {
         let e = self.index.entry(name)?;
