@@ -27,6 +27,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Write a random-weight checkpoint with a published reranker's configuration.
     SynthModel(cli::synth::SynthArgs),
+    /// Copy a model with its weights converted to another dtype (e.g. an f16 copy).
+    Convert(cli::synth::ConvertArgs),
     /// Internal: one benchmark contender serving requests on stdin.
     #[command(hide = true)]
     BenchWorker(cli::bench::WorkerArgs),
@@ -48,6 +50,7 @@ fn main() {
         Command::Bench(a) => cli::bench::run(a),
         Command::BenchWorker(a) => cli::bench::worker(a),
         Command::SynthModel(a) => cli::synth::run(a),
+        Command::Convert(a) => cli::synth::run_convert(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

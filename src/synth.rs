@@ -299,3 +299,49 @@ pub fn write_model(
     })?;
     Ok(path)
 }
+
+/// Copies a model directory with its weights converted to `dtype` (all floating tensors), e.g.
+/// an f16 copy half the size for carrying to another machine. Config and tokenizer files are
+/// copied as they are.
+pub fn convert(src_dir: &Path, out: &Path, dtype: DiskDtype) -> Result<PathBuf> {
+    use crate::weights::{ModelFiles, WeightIndex};
+    use candle_core::DType;
+    let files = ModelFiles::from_dir(src_dir)?;
+    std::fs::create_dir_all(out)?;
+    for entry in std::fs::read_dir(src_dir)? {
+        let p = entry?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if p.is_file() && !name.ends_with(".safetensors") && name != "model.safetensors.index.json"
+        {
+            std::fs::copy(&p, out.join(name))?;
+        }
+    }
+    let index = WeightIndex::open(&files.weights)?;
+    index.check_complete()?;
+    let target = match dtype {
+        DiskDtype::F16 => DType::F16,
+        DiskDtype::Bf16 => DType::BF16,
+        DiskDtype::F32 => DType::F32,
+    };
+    let mut tensors = std::collections::HashMap::new();
+    for (name, e) in &index.entries {
+        let f = std::fs::File::open(&index.files[e.file])?;
+        let mut buf = vec![0u8; e.byte_len()];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, e.start)?;
+        let t = candle_core::Tensor::from_raw_buffer(
+            &buf,
+            e.dtype,
+            &e.shape,
+            &candle_core::Device::Cpu,
+        )?;
+        let t = if e.dtype.is_float() {
+            t.to_dtype(target)?
+        } else {
+            t
+        };
+        tensors.insert(name.clone(), t);
+    }
+    let path = out.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path)?;
+    Ok(path)
+}

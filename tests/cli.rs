@@ -280,3 +280,53 @@ fn bad_models_fail_cleanly() {
         "no such directory",
     );
 }
+
+#[test]
+fn memory_budget_bounds_the_measured_peak() {
+    let Some(m) = model() else { return };
+    let Some(shared) = common::shared_dir() else {
+        return;
+    };
+    let corpus = shared.join("data/trec-dl19-subset/corpus.jsonl");
+    for budget_mib in [100u64, 150, 400] {
+        let budget = format!("{budget_mib}MiB");
+        let o = grating(&[
+            "rerank",
+            "--model",
+            &m,
+            "--docs",
+            corpus.to_str().unwrap(),
+            "--bm25-prefilter",
+            "300",
+            "--query",
+            "what is a monotonic function",
+            "--top-k",
+            "5",
+            "--max-memory",
+            &budget,
+            "--json",
+        ]);
+        assert!(o.status.success(), "{budget}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let peak = v["stats"]["peak_rss_mib"].as_f64().unwrap();
+        assert!(
+            peak <= budget_mib as f64,
+            "{budget}: measured peak {peak} MiB"
+        );
+        assert_eq!(v["results"].as_array().unwrap().len(), 5);
+    }
+    let o = grating(&[
+        "rerank",
+        "--model",
+        &m,
+        "--docs",
+        corpus.to_str().unwrap(),
+        "--bm25-prefilter",
+        "300",
+        "--query",
+        "what is a monotonic function",
+        "--max-memory",
+        "20MiB",
+    ]);
+    fails_with(&o, "needs at least");
+}

@@ -330,7 +330,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for name in &args.compare {
         // `mode@weights` picks the weights mode per contender (e.g. grating@stream).
         let (mode, weights) = match name.split_once('@') {
-            Some((m, w)) => (m, w.parse::<grating::engine::WeightsMode>().map_err(|e| anyhow!(e))?),
+            Some((m, w)) => (
+                m,
+                w.parse::<grating::engine::WeightsMode>()
+                    .map_err(|e| anyhow!(e))?,
+            ),
             None => (name.as_str(), args.model.weights),
         };
         let cmd = match mode {
@@ -344,8 +348,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 if let Some(m) = args.model.max_memory {
                     c.args(["--max-memory", &m.to_string()]);
                 }
-                c
-                    .args(["--batch-size", &args.batch_size.to_string()])
+                c.args(["--batch-size", &args.batch_size.to_string()])
                     .args(["--chunk-tokens", &args.chunk_tokens.to_string()])
                     .args(["--prune", &args.prune.prune]);
                 if args.prune.exact_order {
@@ -382,7 +385,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     .args(["--batch-size", &args.batch_size.to_string(), "--serve"]);
                 c
             }
-            other => bail!("unknown contender {other:?} (full, grating, st; optionally @resident or @stream)"),
+            other => bail!(
+                "unknown contender {other:?} (full, grating, st; optionally @resident or @stream)"
+            ),
         };
         workers.push(Worker::spawn(name, cmd)?);
     }
@@ -433,7 +438,10 @@ fn report(
     peaks: &[f64],
     threads: usize,
 ) -> Result<()> {
-    let full_i = args.compare.iter().position(|c| c == "full" || c.starts_with("full@"));
+    let full_i = args
+        .compare
+        .iter()
+        .position(|c| c == "full" || c.starts_with("full@"));
     let st_i = args.compare.iter().position(|c| c == "st");
     let per_query_median = |wi: usize| -> Vec<f64> {
         results[wi]

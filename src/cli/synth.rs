@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use grating::synth::{write_model, DiskDtype, Shape};
+use grating::synth::{convert, write_model, DiskDtype, Shape};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -35,6 +35,29 @@ pub fn run(args: SynthArgs) -> Result<()> {
     let bytes = std::fs::metadata(&path)?.len();
     eprintln!(
         "wrote {} ({:.1} MiB); random weights: for speed and memory only",
+        path.display(),
+        bytes as f64 / 1048576.0
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Source model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Target dtype of floating tensors: f16, bf16 or f32.
+    #[arg(long, default_value = "f16")]
+    pub dtype: DiskDtype,
+}
+
+pub fn run_convert(args: ConvertArgs) -> Result<()> {
+    let path = convert(&args.model, &args.out, args.dtype)?;
+    let bytes = std::fs::metadata(&path)?.len();
+    eprintln!(
+        "wrote {} ({:.1} MiB)",
         path.display(),
         bytes as f64 / 1048576.0
     );

@@ -51,14 +51,30 @@ pub fn activation_floats_per_token(info: &ModelInfo) -> u64 {
     attn.max(mlp)
 }
 
-pub fn predict(info: &ModelInfo, inp: &BudgetInputs, total_tokens: usize, max_len: usize, chunk: usize, offload: bool) -> u64 {
+pub fn predict(
+    info: &ModelInfo,
+    inp: &BudgetInputs,
+    total_tokens: usize,
+    max_len: usize,
+    chunk: usize,
+    offload: bool,
+) -> u64 {
     let d = info.hidden_size as u64;
     let b = inp.dtype_bytes;
     let (w_disk, w_built, w_tensor) = inp.stream_bytes;
-    let w_stream = if w_disk > 0 { 2 * w_disk + w_built + w_tensor } else { 0 };
+    let w_stream = if w_disk > 0 {
+        2 * w_disk + w_built + w_tensor
+    } else {
+        0
+    };
     let chunk = chunk.max(max_len) as u64;
-    let hidden = if offload { 4 * chunk * d * b } else { 2 * total_tokens as u64 * d * b };
-    let act = chunk * activation_floats_per_token(info) * b + inp.threads as u64 * 128 * max_len as u64 * 4;
+    let hidden = if offload {
+        4 * chunk * d * b
+    } else {
+        2 * total_tokens as u64 * d * b
+    };
+    let act = chunk * activation_floats_per_token(info) * b
+        + inp.threads as u64 * 128 * max_len as u64 * 4;
     inp.rss_now + w_stream + inp.embedding_growth + hidden + act
 }
 
@@ -94,7 +110,9 @@ pub fn plan(
 /// Parses sizes like `512MiB`, `2GiB`, `300MB`, `1048576`.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let v: f64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -105,7 +123,11 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "mb" => 1e6,
         "g" | "gib" => 1073741824.0,
         "gb" => 1e9,
-        u => return Err(format!("unknown size unit {u:?} in {s:?} (use KiB, MiB, GiB, KB, MB, GB)")),
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} in {s:?} (use KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
     };
     Ok((v * mult) as u64)
 }
@@ -144,7 +166,13 @@ mod tests {
 
     #[test]
     fn plan_shrinks_chunks_then_offloads_then_refuses() {
-        let inp = BudgetInputs { rss_now: 100 << 20, stream_bytes: (0, 0, 0), embedding_growth: 0, threads: 2, dtype_bytes: 4 };
+        let inp = BudgetInputs {
+            rss_now: 100 << 20,
+            stream_bytes: (0, 0, 0),
+            embedding_growth: 0,
+            threads: 2,
+            dtype_bytes: 4,
+        };
         let i = info();
         // Plenty of memory: the wanted chunk.
         let p = plan(&i, &inp, 100_000, 300, 4096, 1 << 40).unwrap();

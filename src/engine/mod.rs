@@ -65,7 +65,9 @@ impl std::str::FromStr for WeightsMode {
             "resident" => Ok(WeightsMode::Resident),
             "stream" => Ok(WeightsMode::Stream),
             "auto" => Ok(WeightsMode::Auto),
-            _ => Err(format!("unknown weights mode {s:?} (resident, stream, auto)")),
+            _ => Err(format!(
+                "unknown weights mode {s:?} (resident, stream, auto)"
+            )),
         }
     }
 }
@@ -255,7 +257,10 @@ impl Reranker {
                     .ok()
                     .and_then(|v| v["hidden_size"].as_u64())
                     .unwrap_or(1024);
-                let room = monolithic::DEFAULT_CHUNK_TOKENS as u64 * hidden * 16 * dtype.size_in_bytes() as u64;
+                let room = monolithic::DEFAULT_CHUNK_TOKENS as u64
+                    * hidden
+                    * 16
+                    * dtype.size_in_bytes() as u64;
                 if rss + resident + room <= budget {
                     WeightsMode::Resident
                 } else {
@@ -346,7 +351,12 @@ impl Reranker {
 
     /// Chunk size and offload for a grating-mode request: the request's own unless a memory
     /// budget is set, in which case the largest that fit (see [`budget`]).
-    fn plan_memory(&self, req: &RerankRequest, pairs: &[EncodedPair], stats: &mut RequestStats) -> Result<(usize, bool)> {
+    fn plan_memory(
+        &self,
+        req: &RerankRequest,
+        pairs: &[EncodedPair],
+        stats: &mut RequestStats,
+    ) -> Result<(usize, bool)> {
         let Some(limit) = self.max_memory else {
             return Ok((req.chunk_tokens, req.offload));
         };
@@ -355,12 +365,21 @@ impl Reranker {
         let stream_bytes = match &self.streaming {
             Some(s) => {
                 let disk = s.plans.iter().map(|p| p.bytes as u64).max().unwrap_or(0);
-                let elems = |p: &LayerPlan| p.tensors.iter().map(|(_, e)| e.shape.iter().product::<usize>() as u64).sum::<u64>();
+                let elems = |p: &LayerPlan| {
+                    p.tensors
+                        .iter()
+                        .map(|(_, e)| e.shape.iter().product::<usize>() as u64)
+                        .sum::<u64>()
+                };
                 let built = s.plans.iter().map(elems).max().unwrap_or(0) * b;
                 let tensor = s
                     .plans
                     .iter()
-                    .flat_map(|p| p.tensors.iter().map(|(_, e)| e.shape.iter().product::<usize>() as u64))
+                    .flat_map(|p| {
+                        p.tensors
+                            .iter()
+                            .map(|(_, e)| e.shape.iter().product::<usize>() as u64)
+                    })
                     .max()
                     .unwrap_or(0)
                     * b;
@@ -369,7 +388,11 @@ impl Reranker {
             None => (0, 0, 0),
         };
         let embedding_growth = match &self.streaming {
-            Some(s) => (info.vocab_size as f64 * s.cache_share as f64).ceil() as u64 * info.hidden_size as u64 * 4,
+            Some(s) => {
+                (info.vocab_size as f64 * s.cache_share as f64).ceil() as u64
+                    * info.hidden_size as u64
+                    * 4
+            }
             None => 0,
         };
         let inputs = budget::BudgetInputs {

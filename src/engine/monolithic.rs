@@ -7,6 +7,7 @@
 //! fresh chunks and the storage of pruned candidates is released.
 
 use super::full::{length_order, pack};
+use super::offload::{Hidden, SpillFile};
 use super::stats::{LayerTiming, RequestStats};
 use super::{Layers, Progress, Scored};
 use crate::error::Result;
@@ -14,7 +15,6 @@ use crate::models::{PackedBatch, RerankModel};
 use crate::prune::state::PruneState;
 use crate::prune::PruneConfig;
 use crate::tokenize::EncodedPair;
-use super::offload::{Hidden, SpillFile};
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
 
@@ -157,7 +157,11 @@ pub(crate) fn forward(
     let n = pairs.len();
     let budget = chunk_tokens.max(1);
     let compute_start = Instant::now();
-    let spill = if offload { Some(SpillFile::new()?) } else { None };
+    let spill = if offload {
+        Some(SpillFile::new()?)
+    } else {
+        None
+    };
     let spill = spill.as_ref();
 
     let order = length_order(pairs);
@@ -212,14 +216,19 @@ pub(crate) fn forward(
                 Some(s) => {
                     let ahead = chunks.get(i + 1).map(|c| match &c.hidden {
                         Hidden::Spilled { at, rows, dim } => (*at, *rows, *dim),
-                        Hidden::Resident(_) => unreachable!("offloaded chunks are spilled between steps"),
+                        Hidden::Resident(_) => {
+                            unreachable!("offloaded chunks are spilled between steps")
+                        }
                     });
                     let behind = pending_write.take();
                     let batch = &chunks[i].batch;
                     let dev = &device;
                     let (out, read, written) = std::thread::scope(|sc| {
-                        let reader = ahead.map(|(at, rows, dim)| sc.spawn(move || s.load(at, rows, dim, dtype, dev)));
-                        let writer = behind.map(|(ci, t)| sc.spawn(move || s.spill(&t).map(|h| (ci, h))));
+                        let reader = ahead.map(|(at, rows, dim)| {
+                            sc.spawn(move || s.load(at, rows, dim, dtype, dev))
+                        });
+                        let writer =
+                            behind.map(|(ci, t)| sc.spawn(move || s.spill(&t).map(|h| (ci, h))));
                         let out = layer.forward(&input, batch);
                         let read = reader.map(|h| h.join().expect("prefetch thread"));
                         let written = writer.map(|h| h.join().expect("offload thread"));
@@ -265,7 +274,14 @@ pub(crate) fn forward(
                 Observer::Prune(st) if !is_last => {
                     if st.observe(layer_no, &ids, &scores) {
                         let st: &PruneState = st;
-                        chunks = repack(chunks, |m| st.is_live(m), pairs, budget, spill, (dtype, &device))?;
+                        chunks = repack(
+                            chunks,
+                            |m| st.is_live(m),
+                            pairs,
+                            budget,
+                            spill,
+                            (dtype, &device),
+                        )?;
                     }
                 }
                 Observer::Prune(_) => {}

@@ -24,8 +24,15 @@ pub(crate) enum Hidden {
 
 impl SpillFile {
     pub(crate) fn new() -> Result<SpillFile> {
-        let dir = std::env::var_os("GRATING_SPILL_DIR").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
-        let file = tempfile::tempfile_in(&dir).map_err(|e| GratingError::Io(std::io::Error::new(e.kind(), format!("spill file in {}: {e}", dir.display()))))?;
+        let dir = std::env::var_os("GRATING_SPILL_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let file = tempfile::tempfile_in(&dir).map_err(|e| {
+            GratingError::Io(std::io::Error::new(
+                e.kind(),
+                format!("spill file in {}: {e}", dir.display()),
+            ))
+        })?;
         Ok(SpillFile {
             file,
             end: AtomicU64::new(0),
@@ -41,29 +48,49 @@ impl SpillFile {
         let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) };
         let at = self.end.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.file.write_all_at(bytes, at)?;
-        self.bytes_written.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.bytes_written
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(Hidden::Spilled { at, rows, dim })
     }
 
-    pub(crate) fn load(&self, at: u64, rows: usize, dim: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub(crate) fn load(
+        &self,
+        at: u64,
+        rows: usize,
+        dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let mut v = vec![0f32; rows * dim];
         // SAFETY: as in `spill`, a byte view of an f32 buffer we own.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 4) };
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 4) };
         self.file.read_exact_at(bytes, at)?;
         let t = Tensor::from_vec(v, (rows, dim), &Device::Cpu)?;
-        let t = if dtype != DType::F32 { t.to_dtype(dtype)? } else { t };
+        let t = if dtype != DType::F32 {
+            t.to_dtype(dtype)?
+        } else {
+            t
+        };
         Ok(t.to_device(device)?)
     }
 }
 
 impl Hidden {
     /// The tensor, read back from `spill` if it was offloaded.
-    pub(crate) fn get(&self, spill: Option<&SpillFile>, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub(crate) fn get(
+        &self,
+        spill: Option<&SpillFile>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         match self {
             Hidden::Resident(t) => Ok(t.clone()),
             Hidden::Spilled { at, rows, dim } => match spill {
                 Some(s) => s.load(*at, *rows, *dim, dtype, device),
-                None => Err(GratingError::InvalidInput("hidden states were offloaded without a spill file".into())),
+                None => Err(GratingError::InvalidInput(
+                    "hidden states were offloaded without a spill file".into(),
+                )),
             },
         }
     }
@@ -76,12 +103,30 @@ mod tests {
     #[test]
     fn spill_round_trips() {
         let s = SpillFile::new().unwrap();
-        let a = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
-        let b = Tensor::arange(100f32, 106.0, &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let a = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let b = Tensor::arange(100f32, 106.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
         let ha = s.spill(&a).unwrap();
         let hb = s.spill(&b).unwrap();
-        let back_b: Vec<f32> = hb.get(Some(&s), DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let back_a: Vec<f32> = ha.get(Some(&s), DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let back_b: Vec<f32> = hb
+            .get(Some(&s), DType::F32, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let back_a: Vec<f32> = ha
+            .get(Some(&s), DType::F32, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(back_a, (0..12).map(|x| x as f32).collect::<Vec<_>>());
         assert_eq!(back_b, (100..106).map(|x| x as f32).collect::<Vec<_>>());
         assert_eq!(s.bytes_written.load(Ordering::Relaxed), 18 * 4);

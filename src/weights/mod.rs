@@ -393,7 +393,11 @@ impl MmapSource {
             // into the released range (the tensor was copied out). Pages are re-read from the
             // file if touched again.
             let _ = unsafe {
-                self.maps[e.file].unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                self.maps[e.file].unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
             };
         }
     }
