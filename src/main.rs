@@ -5,8 +5,15 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "grating", version, about = "Fast, memory-bounded top-K selection with cross-encoder rerankers")]
+#[command(
+    name = "grating",
+    version,
+    about = "Fast, memory-bounded top-K selection with cross-encoder rerankers"
+)]
 struct Cli {
+    /// Log as JSON lines (one object per event, with span fields such as request_id).
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -15,19 +22,38 @@ struct Cli {
 enum Command {
     /// Rank a documents file against one query and print the top K.
     Rerank(cli::rerank::RerankArgs),
+    /// Serve the Cohere/Jina (/v1/rerank, /v2/rerank) and TEI (/rerank) APIs over HTTP.
+    #[cfg(feature = "server")]
+    Serve(cli::serve::ServeArgs),
+    /// Load benchmark of the server on loopback: layer sharing against one-at-a-time.
+    #[cfg(feature = "server")]
+    BenchServe(cli::bench_serve::BenchServeArgs),
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GRATING_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // The server logs each request at info; the batch commands stay quiet unless asked.
+    let default_level = match &cli.command {
+        #[cfg(feature = "server")]
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GRATING_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
     let result = match cli.command {
         Command::Rerank(a) => cli::rerank::run(a),
+        #[cfg(feature = "server")]
+        Command::Serve(a) => cli::serve::run(a),
+        #[cfg(feature = "server")]
+        Command::BenchServe(a) => cli::bench_serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -31,7 +31,11 @@ pub(crate) struct Chunk {
 
 /// Splits `members` (already in length order) into runs of at most `budget` tokens (a longer
 /// candidate gets a chunk of its own).
-pub(crate) fn plan_chunks(pairs: &[EncodedPair], members: &[usize], budget: usize) -> Vec<Vec<usize>> {
+pub(crate) fn plan_chunks(
+    pairs: &[EncodedPair],
+    members: &[usize],
+    budget: usize,
+) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut tokens = 0;
     for &m in members {
@@ -52,7 +56,7 @@ pub(crate) fn plan_chunks(pairs: &[EncodedPair], members: &[usize], budget: usiz
 
 /// Gathers the rows of the live members of `chunks` into new chunks under `budget`, dropping
 /// each old chunk as soon as its survivors are copied.
-fn repack(
+pub(crate) fn repack(
     chunks: Vec<Chunk>,
     live: impl Fn(usize) -> bool,
     pairs: &[EncodedPair],
