@@ -478,7 +478,7 @@ fn shared_engine_interleaving_is_exact() {
     let engine = SharedEngine::start(
         r.model().clone(),
         SharedOptions {
-            step_tokens: 700,
+            step_tokens: 1500,
             ..Default::default()
         },
     );

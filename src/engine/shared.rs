@@ -17,9 +17,10 @@
 //! Each step computes at most `step_tokens` tokens (one chunk more when a single chunk is
 //! larger). Who gets them is decided by **least attained service** (LAS): requests are ordered
 //! by the token-layers they have received so far (fewest first; ties by arrival), the step's
-//! layer is the layer of the first request in that order, and requests at that layer then take
-//! their next chunks in that order until the budget is spent (the order is strict: when a chunk
-//! does not fit, no later request leapfrogs it). A newly arrived request has received nothing,
+//! layer is the layer of the first request in that order, and the requests at that layer then
+//! take their next chunks round robin in that order, one chunk each per round, until the budget
+//! is spent (the order is strict: when the next chunk does not fit, the step is full and no
+//! later request leapfrogs it with a smaller chunk). A newly arrived request has received nothing,
 //! so it is served at the very next step: small requests finish in a few steps however large
 //! the requests already running are, and a request with thousands of candidates only gets the
 //! capacity that small ones leave. Plain LAS can starve a large request under a steady stream
@@ -135,6 +136,10 @@ enum Msg {
 /// requests finish, then stops the thread.
 pub struct SharedEngine {
     tx: Mutex<Option<Sender<Msg>>>,
+    /// Set by [`SharedEngine::cancel_all`]: from then on every request, queued, running or
+    /// submitted later, is answered with `Cancelled` (so a request racing the cancellation
+    /// cannot slip through).
+    cancelled: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
 }
@@ -144,12 +149,15 @@ impl SharedEngine {
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(Counters::default());
         let c = counters.clone();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let flag = cancelled.clone();
         let thread = std::thread::Builder::new()
             .name("grating-scheduler".into())
-            .spawn(move || Scheduler::new(model, opts, c).run(rx))
+            .spawn(move || Scheduler::new(model, opts, c, flag).run(rx))
             .expect("spawn the scheduler thread");
         SharedEngine {
             tx: Mutex::new(Some(tx)),
+            cancelled,
             thread: Mutex::new(Some(thread)),
             counters,
         }
@@ -161,6 +169,12 @@ impl SharedEngine {
 
     /// Queues a job. On error (the engine stopped) the job's reply is called with it.
     pub fn submit(&self, job: Job) {
+        if self.cancelled.load(Ordering::SeqCst) {
+            (job.reply)(Err(GratingError::Cancelled(
+                "the server is shutting down".into(),
+            )));
+            return;
+        }
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(tx) = tx else {
             (job.reply)(Err(GratingError::Cancelled(
@@ -179,6 +193,7 @@ impl SharedEngine {
 
     /// Answers every queued and running request with `Cancelled` at the next step.
     pub fn cancel_all(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
         if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             let _ = tx.send(Msg::CancelAll);
         }
@@ -222,8 +237,8 @@ pub struct StepPlan {
 }
 
 /// The fairness policy (see the module docs): LAS order with a starvation guard, the layer of
-/// the first request, then chunks of requests at that layer in that order within `budget`
-/// (at least one chunk).
+/// the first request, then chunks of the requests at that layer, round robin in that order
+/// (one chunk each per round), within `budget` (at least one chunk).
 pub fn plan_step(cands: &[StepCandidate], budget: usize, starve_after: u32) -> Option<StepPlan> {
     let mut order: Vec<usize> = (0..cands.len())
         .filter(|&i| !cands[i].chunk_tokens.is_empty())
@@ -233,22 +248,36 @@ pub fn plan_step(cands: &[StepCandidate], budget: usize, starve_after: u32) -> O
         (c.idle_steps < starve_after, c.attained, c.seq)
     });
     let layer = cands[*order.first()?].layer;
+    let at_layer: Vec<usize> = order
+        .into_iter()
+        .filter(|&i| cands[i].layer == layer)
+        .collect();
+    // Round robin in LAS order, one chunk per request per round, so every request at the layer
+    // gets a share of the step (and of the layer read) before any gets a second chunk.
+    let mut taken = vec![0usize; at_layer.len()];
     let mut used = 0usize;
-    let mut work = Vec::new();
-    'outer: for &i in order.iter().filter(|&&i| cands[i].layer == layer) {
-        let mut n = 0;
-        for &t in &cands[i].chunk_tokens {
+    'rounds: loop {
+        let mut progressed = false;
+        for (j, &i) in at_layer.iter().enumerate() {
+            let Some(&t) = cands[i].chunk_tokens.get(taken[j]) else {
+                continue;
+            };
             if used > 0 && used + t > budget {
-                if n > 0 {
-                    work.push((i, n));
-                }
-                break 'outer;
+                break 'rounds;
             }
             used += t;
-            n += 1;
+            taken[j] += 1;
+            progressed = true;
         }
-        work.push((i, n));
+        if !progressed {
+            break;
+        }
     }
+    let work = at_layer
+        .into_iter()
+        .zip(taken)
+        .filter(|&(_, n)| n > 0)
+        .collect();
     Some(StepPlan { layer, work })
 }
 
@@ -311,10 +340,16 @@ struct Scheduler {
     active: Vec<Active>,
     next_seq: u64,
     open: bool,
+    cancelled: Arc<AtomicBool>,
 }
 
 impl Scheduler {
-    fn new(model: Arc<dyn RerankModel>, opts: SharedOptions, counters: Arc<Counters>) -> Self {
+    fn new(
+        model: Arc<dyn RerankModel>,
+        opts: SharedOptions,
+        counters: Arc<Counters>,
+        cancelled: Arc<AtomicBool>,
+    ) -> Self {
         Scheduler {
             model,
             opts,
@@ -323,6 +358,7 @@ impl Scheduler {
             active: Vec::new(),
             next_seq: 0,
             open: true,
+            cancelled,
         }
     }
 
@@ -353,8 +389,11 @@ impl Scheduler {
                 };
                 match msg {
                     Msg::Job(j) => self.pending.push_back(j),
-                    Msg::CancelAll => self.cancel_all(),
+                    Msg::CancelAll => {}
                 }
+            }
+            if self.cancelled.load(Ordering::SeqCst) {
+                self.cancel_all();
             }
             if !self.open && self.active.is_empty() && self.pending.is_empty() {
                 return;
@@ -720,9 +759,8 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_is_shared_and_order_is_strict() {
-        // Request 0 (least service) takes two chunks; request 1's chunk does not fit, so the
-        // smaller chunk of request 2 (later in LAS order) does not leapfrog it.
+    fn the_budget_is_shared_round_robin_and_order_is_strict() {
+        // One chunk each per round in LAS order; request 0's second chunk no longer fits.
         let c = vec![
             cand(0, 2, 10, &[3000, 3000, 3000]),
             cand(1, 2, 20, &[3000]),
@@ -730,7 +768,18 @@ mod tests {
         ];
         let p = plan_step(&c, 8192, 64).unwrap();
         assert_eq!(p.layer, 2);
-        assert_eq!(p.work, vec![(0, 2)]);
+        assert_eq!(p.work, vec![(0, 1), (1, 1), (2, 1)]);
+        // Rounds continue while chunks fit.
+        let c = vec![cand(0, 0, 0, &[1000; 5]), cand(1, 0, 5, &[1000, 1000])];
+        assert_eq!(plan_step(&c, 5000, 64).unwrap().work, vec![(0, 3), (1, 2)]);
+        // Request 1's chunk does not fit, so the smaller chunk of request 2 (later in LAS
+        // order) does not leapfrog it.
+        let c = vec![
+            cand(0, 2, 10, &[3000, 3000]),
+            cand(1, 2, 20, &[6000]),
+            cand(2, 2, 30, &[500]),
+        ];
+        assert_eq!(plan_step(&c, 8192, 64).unwrap().work, vec![(0, 1)]);
         // A chunk larger than the budget still runs, alone.
         let c = vec![cand(0, 0, 0, &[20_000, 100])];
         assert_eq!(plan_step(&c, 8192, 64).unwrap().work, vec![(0, 1)]);
