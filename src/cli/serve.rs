@@ -55,7 +55,9 @@ impl ServerArgs {
         if self.max_documents == 0 || self.max_concurrent_requests == 0 {
             bail!("--max-documents and --max-concurrent-requests must be positive");
         }
-        if !(self.request_timeout > 0.0) || !(self.shutdown_grace >= 0.0) {
+        let positive = self.request_timeout.is_finite() && self.request_timeout > 0.0;
+        let grace_ok = self.shutdown_grace.is_finite() && self.shutdown_grace >= 0.0;
+        if !positive || !grace_ok {
             bail!("--request-timeout must be positive and --shutdown-grace non-negative");
         }
         Ok(ServerConfig {

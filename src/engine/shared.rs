@@ -49,12 +49,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Tokens per step unless configured: two default chunks, so a step over several small
-/// requests still keeps the GEMMs large while a big request cannot hold the engine for long.
-pub const DEFAULT_STEP_TOKENS: usize = 8192;
+/// Tokens per step unless configured: one default chunk. A small request's latency under load
+/// is about its layers times one step (it goes first, but shares each step with the others at
+/// its layer), so the step is kept short; a larger step lets more requests share one read of a
+/// layer (worth it when layers are streamed) at the cost of that latency. Measured on the
+/// shared MiniLM with 2 cores: 8192 gave small requests 4.8x their lone latency at
+/// concurrency 4, see docs/serve.md.
+pub const DEFAULT_STEP_TOKENS: usize = 4096;
 
 /// Steps a request may be passed over before it goes first regardless of attained service.
-pub const DEFAULT_STARVE_AFTER_STEPS: u32 = 64;
+pub const DEFAULT_STARVE_AFTER_STEPS: u32 = 32;
 
 /// Where the scheduler gets a layer's weights for each step.
 pub enum LayerSource {
