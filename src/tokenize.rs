@@ -16,8 +16,7 @@ pub const HARD_MAX_TOKENS: usize = 32 * 1024;
 const MAX_DOC_BYTES_PER_TOKEN: usize = 32;
 
 pub const QWEN3_SYSTEM_PREFIX: &str = "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n";
-pub const QWEN3_ASSISTANT_SUFFIX: &str =
-    "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n";
+pub const QWEN3_ASSISTANT_SUFFIX: &str = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n";
 pub const QWEN3_DEFAULT_INSTRUCTION: &str =
     "Given a web search query, retrieve relevant passages that answer the query";
 
@@ -54,7 +53,10 @@ enum Format {
     /// `[CLS] q [SEP] d [SEP]`-style, from the tokenizer's post-processor.
     Pair,
     /// The Qwen3-Reranker chat prompt.
-    Qwen3 { prefix: Vec<u32>, suffix: Vec<u32> },
+    Qwen3 {
+        prefix: Vec<u32>,
+        suffix: Vec<u32>,
+    },
 }
 
 /// Per-request encoding choices.
@@ -92,11 +94,7 @@ impl PairEncoder {
         let format = match arch {
             Architecture::Qwen3 => {
                 let enc = |s: &str| -> Result<Vec<u32>> {
-                    Ok(tokenizer
-                        .encode(s, false)
-                        .map_err(tok_err)?
-                        .get_ids()
-                        .to_vec())
+                    Ok(tokenizer.encode(s, false).map_err(tok_err)?.get_ids().to_vec())
                 };
                 Format::Qwen3 {
                     prefix: enc(QWEN3_SYSTEM_PREFIX)?,
@@ -138,9 +136,7 @@ impl PairEncoder {
             return Err(GratingError::InvalidInput("the query is empty".into()));
         }
         if docs.is_empty() {
-            return Err(GratingError::InvalidInput(
-                "the document list is empty".into(),
-            ));
+            return Err(GratingError::InvalidInput("the document list is empty".into()));
         }
         let max_length = opts.max_length.min(HARD_MAX_TOKENS);
         if max_length <= self.template_tokens() + 1 {
@@ -150,10 +146,7 @@ impl PairEncoder {
             )));
         }
         let byte_cap = max_length * MAX_DOC_BYTES_PER_TOKEN;
-        let capped: Vec<&str> = docs
-            .iter()
-            .map(|d| cap_bytes(d, byte_cap, opts.truncation))
-            .collect();
+        let capped: Vec<&str> = docs.iter().map(|d| cap_bytes(d, byte_cap, opts.truncation)).collect();
         match &self.format {
             Format::Pair => self.encode_pairs(query, &capped, max_length, opts, docs),
             Format::Qwen3 { prefix, suffix } => {

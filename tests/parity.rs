@@ -21,17 +21,10 @@ fn encode_rows(r: &Reranker, rows: &[ReferenceRow]) -> Vec<EncodedPair> {
                 instruction: row.instruction.clone(),
                 truncate: true,
             };
-            let mut e = r
-                .encoder()
-                .encode(&row.query, &[row.document.as_str()], &opts)
-                .unwrap();
+            let mut e = r.encoder().encode(&row.query, &[row.document.as_str()], &opts).unwrap();
             let e = e.remove(0);
             if let Some(ids) = &row.input_ids {
-                assert_eq!(
-                    &e.ids, ids,
-                    "token ids differ from HF's for {:?}",
-                    row.document
-                );
+                assert_eq!(&e.ids, ids, "token ids differ from HF's for {:?}", row.document);
             }
             e
         })
@@ -41,21 +34,15 @@ fn encode_rows(r: &Reranker, rows: &[ReferenceRow]) -> Vec<EncodedPair> {
 /// Runs all rows as ONE packed batch through the layer API, scoring every layer, and checks
 /// each value against HF's per-pair (unbatched) reference.
 fn check_layerwise(model_dir: &Path) {
-    let rows = read_reference(
-        &model_dir.join(if model_dir.join("reference.jsonl").exists() {
-            "reference.jsonl"
-        } else {
-            "reference_scores.jsonl"
-        }),
-    );
+    let rows = read_reference(&model_dir.join(if model_dir.join("reference.jsonl").exists() {
+        "reference.jsonl"
+    } else {
+        "reference_scores.jsonl"
+    }));
     let r = Reranker::load(model_dir.to_str().unwrap(), &EngineOptions::default()).unwrap();
     let model = r.model();
     let pairs = encode_rows(&r, &rows);
-    let batch = PackedBatch::new(
-        pairs
-            .iter()
-            .map(|p| (p.ids.as_slice(), p.type_ids.as_slice())),
-    );
+    let batch = PackedBatch::new(pairs.iter().map(|p| (p.ids.as_slice(), p.type_ids.as_slice())));
     let mut hidden: Tensor = model.embed(&batch).unwrap();
     let mut worst = 0f32;
     for l in 0..model.num_layers() {
@@ -79,27 +66,18 @@ fn check_layerwise(model_dir: &Path) {
     for (i, row) in rows.iter().enumerate() {
         assert!((last[i] - row.logit).abs() < TOL);
     }
-    eprintln!(
-        "{}: {} rows x {} layers, worst |diff| {worst:e}",
-        model_dir.display(),
-        rows.len(),
-        model.num_layers()
-    );
+    eprintln!("{}: {} rows x {} layers, worst |diff| {worst:e}", model_dir.display(), rows.len(), model.num_layers());
 }
 
 #[test]
 fn bert_distilled_matches_hf_at_every_layer() {
-    let Some(dir) = common::shared_model("minilm-l6-msmarco-distilled") else {
-        return;
-    };
+    let Some(dir) = common::shared_model("minilm-l6-msmarco-distilled") else { return };
     check_layerwise(&dir);
 }
 
 #[test]
 fn bert_layerwise_matches_hf_at_every_layer() {
-    let Some(dir) = common::shared_model("minilm-l6-msmarco-layerwise") else {
-        return;
-    };
+    let Some(dir) = common::shared_model("minilm-l6-msmarco-layerwise") else { return };
     check_layerwise(&dir);
 }
 

@@ -20,11 +20,9 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn engine_options(&self) -> Result<grating::EngineOptions> {
-        let threads = self.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         grating::ops::set_threads(threads);
         Ok(grating::EngineOptions {
             device: parse_device(&self.device)?,
@@ -84,11 +82,7 @@ impl PruneArgs {
         if let Some(p) = &profile {
             cfg.threshold = p.threshold;
             cfg.first_layer = p.first_layer;
-            tracing::info!(
-                threshold = p.threshold,
-                first_layer = p.first_layer,
-                "using calibrated pruning profile"
-            );
+            tracing::info!(threshold = p.threshold, first_layer = p.first_layer, "using calibrated pruning profile");
         }
         if let Some(t) = self.threshold {
             cfg.threshold = t;

@@ -24,16 +24,8 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>> {
     let text = match std::str::from_utf8(&bytes) {
         Ok(t) => t,
         Err(e) => {
-            let line = bytes[..e.valid_up_to()]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-                + 1;
-            bail!(
-                "{}: invalid UTF-8 on line {line} (byte {})",
-                path.display(),
-                e.valid_up_to()
-            );
+            let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+            bail!("{}: invalid UTF-8 on line {line} (byte {})", path.display(), e.valid_up_to());
         }
     };
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -46,11 +38,7 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>> {
         }
         if jsonl {
             let d: JsonDoc = serde_json::from_str(line).map_err(|e| {
-                anyhow!(
-                    "{}: line {}: expected {{\"id\", \"text\"}}: {e}",
-                    path.display(),
-                    i + 1
-                )
+                anyhow!("{}: line {}: expected {{\"id\", \"text\"}}: {e}", path.display(), i + 1)
             })?;
             let id = match d.id {
                 Some(serde_json::Value::String(s)) => s,

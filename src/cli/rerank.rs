@@ -122,10 +122,7 @@ pub fn run(args: RerankArgs) -> Result<()> {
         let v = serde_json::json!({"results": results, "stats": out.stats});
         println!("{}", serde_json::to_string(&v)?);
     } else {
-        println!(
-            "{:>5}  {:>6}  {:>10}  {:<20}  text",
-            "rank", "index", "score", "id"
-        );
+        println!("{:>5}  {:>6}  {:>10}  {:<20}  text", "rank", "index", "score", "id");
         for (rank, s) in out.ranked.iter().enumerate() {
             let text: String = docs[s.index].text.chars().take(60).collect();
             println!(

@@ -39,9 +39,7 @@ pub fn score_all(
     let mut scores = vec![f32::NAN; pairs.len()];
     let batch_size = batch_size.max(1);
     let total_batches = order.len().div_ceil(batch_size);
-    let layers: Vec<_> = (0..num_layers)
-        .map(|i| model.layer(i))
-        .collect::<Result<_>>()?;
+    let layers: Vec<_> = (0..num_layers).map(|i| model.layer(i)).collect::<Result<_>>()?;
     for (bi, members) in order.chunks(batch_size).enumerate() {
         let batch = pack(pairs, members);
         let t = Instant::now();

@@ -203,16 +203,10 @@ impl Reranker {
     }
 
     /// Runs one request to completion.
-    pub fn rerank(
-        &self,
-        req: &RerankRequest,
-        progress: Option<&dyn Progress>,
-    ) -> Result<RerankOutput> {
+    pub fn rerank(&self, req: &RerankRequest, progress: Option<&dyn Progress>) -> Result<RerankOutput> {
         let start = Instant::now();
         if let Some(0) = req.top_k {
-            return Err(GratingError::InvalidInput(
-                "top_k must be at least 1".into(),
-            ));
+            return Err(GratingError::InvalidInput("top_k must be at least 1".into()));
         }
         let pairs = self.encode(req)?;
         let mut stats = RequestStats {
@@ -227,19 +221,8 @@ impl Reranker {
         let ranked = match req.mode {
             Mode::Full => {
                 stats.mode = "full".into();
-                let scores = full::score_all(
-                    self.model.as_ref(),
-                    &pairs,
-                    req.batch_size,
-                    &mut stats,
-                    progress,
-                )?;
-                let mut r = rank(
-                    scores
-                        .into_iter()
-                        .enumerate()
-                        .map(|(index, logit)| Scored { index, logit }),
-                );
+                let scores = full::score_all(self.model.as_ref(), &pairs, req.batch_size, &mut stats, progress)?;
+                let mut r = rank(scores.into_iter().enumerate().map(|(index, logit)| Scored { index, logit }));
                 r.truncate(k);
                 r
             }

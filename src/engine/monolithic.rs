@@ -31,11 +31,7 @@ pub(crate) struct Chunk {
 
 /// Splits `members` (already in length order) into runs of at most `budget` tokens (a longer
 /// candidate gets a chunk of its own).
-pub(crate) fn plan_chunks(
-    pairs: &[EncodedPair],
-    members: &[usize],
-    budget: usize,
-) -> Vec<Vec<usize>> {
+pub(crate) fn plan_chunks(pairs: &[EncodedPair], members: &[usize], budget: usize) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut tokens = 0;
     for &m in members {

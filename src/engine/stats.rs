@@ -54,8 +54,7 @@ impl RequestStats {
         self.candidate_layers_computed = self.layers_per_candidate.iter().map(|&l| l as u64).sum();
         self.candidate_layers_full = (self.candidates * self.num_layers) as u64;
         self.saved_percent = if self.candidate_layers_full > 0 {
-            100.0
-                * (1.0 - self.candidate_layers_computed as f64 / self.candidate_layers_full as f64)
+            100.0 * (1.0 - self.candidate_layers_computed as f64 / self.candidate_layers_full as f64)
         } else {
             0.0
         };

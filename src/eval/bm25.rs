@@ -39,8 +39,7 @@ impl Bm25 {
                 postings.entry(t).or_default().push((d as u32, c));
             }
         }
-        let avg_len =
-            doc_lens.iter().map(|&l| l as f64).sum::<f64>() / doc_lens.len().max(1) as f64;
+        let avg_len = doc_lens.iter().map(|&l| l as f64).sum::<f64>() / doc_lens.len().max(1) as f64;
         Bm25 {
             k1,
             b,
@@ -59,14 +58,11 @@ impl Bm25 {
     pub fn top(&self, query: &str, n: usize) -> Vec<(usize, f64)> {
         let mut scores: HashMap<u32, f64> = HashMap::new();
         for t in tokens(query) {
-            let Some(post) = self.postings.get(&t) else {
-                continue;
-            };
+            let Some(post) = self.postings.get(&t) else { continue };
             let idf = self.idf(post.len());
             for &(d, tf) in post {
                 let tf = tf as f64;
-                let norm = self.k1
-                    * (1.0 - self.b + self.b * self.doc_lens[d as usize] as f64 / self.avg_len);
+                let norm = self.k1 * (1.0 - self.b + self.b * self.doc_lens[d as usize] as f64 / self.avg_len);
                 *scores.entry(d).or_default() += idf * tf * (self.k1 + 1.0) / (tf + norm);
             }
         }
@@ -83,21 +79,12 @@ mod tests {
 
     #[test]
     fn ranks_matching_documents_first() {
-        let docs = [
-            "the cat sat on the mat",
-            "dogs bark loudly",
-            "a cat and a dog",
-            "nothing here",
-        ];
+        let docs = ["the cat sat on the mat", "dogs bark loudly", "a cat and a dog", "nothing here"];
         let bm = Bm25::new(docs.iter().copied());
         let top = bm.top("cat mat", 3);
         assert_eq!(top[0].0, 0);
         assert_eq!(top[1].0, 2);
-        assert_eq!(
-            top.len(),
-            2,
-            "documents without query terms are not candidates"
-        );
+        assert_eq!(top.len(), 2, "documents without query terms are not candidates");
     }
 
     #[test]

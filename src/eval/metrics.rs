@@ -66,10 +66,7 @@ mod tests {
 
     #[test]
     fn precision_and_agreement() {
-        let q: HashMap<String, u32> = [("a", 1)]
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect();
+        let q: HashMap<String, u32> = [("a", 1)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
         assert_eq!(precision_at(&["x", "a"], &q, 2), 0.5);
         assert_eq!(topk_agreement(&[1, 2, 3], &[3, 2, 9], 2), 0.5);
         assert_eq!(topk_agreement(&[1, 2], &[2, 1], 2), 1.0);

@@ -258,13 +258,7 @@ impl LayerBlock for EncoderLayer {
         drop(qkv);
         let attn = ops::linear(&ctx, &self.out_w, Some(&self.out_b))?;
         drop(ctx);
-        let h1 = ops::add_layer_norm(
-            &attn,
-            Some(hidden),
-            &self.ln1_w,
-            Some(&self.ln1_b),
-            self.eps,
-        )?;
+        let h1 = ops::add_layer_norm(&attn, Some(hidden), &self.ln1_w, Some(&self.ln1_b), self.eps)?;
         drop(attn);
         let up = ops::gelu(ops::linear(&h1, &self.up_w, Some(&self.up_b))?)?;
         let down = ops::linear(&up, &self.down_w, Some(&self.down_b))?;
@@ -374,6 +368,7 @@ impl BertReranker {
         }
         Ok(model)
     }
+
 }
 
 impl RerankModel for BertReranker {

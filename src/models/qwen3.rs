@@ -76,7 +76,8 @@ impl Config {
                 )));
             }
         }
-        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0
+        if self.num_key_value_heads == 0
+            || self.num_attention_heads % self.num_key_value_heads != 0
         {
             return Err(GratingError::Config(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -84,9 +85,7 @@ impl Config {
             )));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(GratingError::Config(
-                "head_dim must be even for RoPE".into(),
-            ));
+            return Err(GratingError::Config("head_dim must be even for RoPE".into()));
         }
         Ok(())
     }
@@ -119,12 +118,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(
-        src: &dyn TensorSource,
-        prefix: &str,
-        cfg: &Config,
-        rope: Arc<RopeTable>,
-    ) -> Result<Self> {
+    fn load(src: &dyn TensorSource, prefix: &str, cfg: &Config, rope: Arc<RopeTable>) -> Result<Self> {
         let d = cfg.hidden_size;
         let dh = cfg.head_dim();
         let hq = cfg.num_attention_heads * dh;
@@ -152,10 +146,7 @@ impl DecoderLayer {
             None
         };
         let gate_up_w = Tensor::cat(
-            &[
-                g("mlp.gate_proj.weight", &[i, d])?,
-                g("mlp.up_proj.weight", &[i, d])?,
-            ],
+            &[g("mlp.gate_proj.weight", &[i, d])?, g("mlp.up_proj.weight", &[i, d])?],
             0,
         )?;
         Ok(DecoderLayer {
@@ -273,8 +264,7 @@ impl Qwen3Reranker {
         let rope = Arc::new(RopeTable::new(
             cfg.head_dim(),
             cfg.rope_theta,
-            cfg.max_position_embeddings
-                .min(crate::tokenize::HARD_MAX_TOKENS),
+            cfg.max_position_embeddings.min(crate::tokenize::HARD_MAX_TOKENS),
         ));
         let dh = cfg.head_dim();
         let info = ModelInfo {
@@ -288,9 +278,7 @@ impl Qwen3Reranker {
             vocab_size: cfg.vocab_size,
             max_length,
             score_kind,
-            linear_params_per_layer: d
-                * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-                * dh
+            linear_params_per_layer: d * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * dh
                 + cfg.num_attention_heads * dh * d
                 + 3 * d * cfg.intermediate_size,
             causal: true,
@@ -339,11 +327,7 @@ impl RerankModel for Qwen3Reranker {
                 )));
             }
         }
-        let ids = Tensor::from_slice(
-            &batch.input_ids,
-            batch.num_tokens(),
-            self.embed_tokens.device(),
-        )?;
+        let ids = Tensor::from_slice(&batch.input_ids, batch.num_tokens(), self.embed_tokens.device())?;
         Ok(self.embed_tokens.index_select(&ids, 0)?)
     }
 

@@ -5,9 +5,7 @@
 //! Mirrors transformers' `models/xlm_roberta/modeling_xlm_roberta.py`.
 
 use super::bert::{encoder_linear_params, ClsHead, Embeddings, EncoderLayer};
-use super::{
-    parse_config, LayerBlock, LoadOptions, ModelInfo, PackedBatch, RerankModel, ScoreKind,
-};
+use super::{parse_config, LayerBlock, LoadOptions, ModelInfo, PackedBatch, RerankModel, ScoreKind};
 use crate::error::{GratingError, Result};
 use crate::weights::TensorSource;
 use candle_core::Tensor;
@@ -54,8 +52,7 @@ impl XlmRobertaReranker {
                 cfg.encoder.max_position_embeddings, cfg.encoder.pad_token_id
             )));
         }
-        let embeddings =
-            Embeddings::load(src, &format!("{prefix}embeddings."), &cfg.encoder, offset)?;
+        let embeddings = Embeddings::load(src, &format!("{prefix}embeddings."), &cfg.encoder, offset)?;
         let head = ClsHead::load(
             src,
             "classifier.dense",

@@ -85,8 +85,7 @@ vectorised! {
 }
 
 pub fn gelu_erf(x: &mut [f32]) {
-    x.par_chunks_mut(ROWS_PER_TASK_MIN_ELEMS)
-        .for_each(gelu_erf_slice);
+    x.par_chunks_mut(ROWS_PER_TASK_MIN_ELEMS).for_each(gelu_erf_slice);
 }
 
 vectorised! {
@@ -256,15 +255,7 @@ vectorised! {
 }
 
 /// C[m, n] = A[m, k] * W[n, k]^T (+ bias), row-major, BLAS-threaded.
-pub fn linear(
-    a: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    bias: Option<&[f32]>,
-    c: &mut [f32],
-) {
+pub fn linear(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, c: &mut [f32]) {
     debug_assert_eq!(a.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
     debug_assert_eq!(c.len(), m * n);
@@ -376,75 +367,73 @@ pub fn attention(qkv: &[f32], seqs: &[(usize, usize)], shape: AttentionShape, ou
         .iter()
         .flat_map(|&(start, len)| (0..shape.n_heads).map(move |h| (start, len, h)))
         .collect();
-    tasks
-        .par_iter()
-        .for_each_init(Vec::new, |scratch: &mut Vec<f32>, &(start, len, h)| {
-            let out_ptr = out_ptr;
-            let kvh = h / group;
-            let q_base = qkv[start * rs + h * dh..].as_ptr();
-            let k_base = qkv[start * rs + k_off + kvh * dh..].as_ptr();
-            let v_base = qkv[start * rs + v_off + kvh * dh..].as_ptr();
-            let mut r0 = 0;
-            while r0 < len {
-                let rb = ROW_BLOCK.min(len - r0);
-                // Causal rows never look past their own position.
-                let cols = if shape.causal { r0 + rb } else { len };
-                scratch.resize(rb * cols, 0.0);
-                // SAFETY: all pointers stay inside `qkv`/`out` for the given strides and sizes;
-                // the output block (rows r0..r0+rb of this sequence, head h) belongs to this task.
-                unsafe {
-                    gemm::gemm(
-                        rb,
-                        cols,
-                        dh,
-                        scratch.as_mut_ptr(),
-                        1,
-                        cols as isize,
-                        false,
-                        q_base.add(r0 * rs),
-                        1,
-                        rs as isize,
-                        k_base,
-                        rs as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                for (i, row) in scratch.chunks_mut(cols).enumerate() {
-                    let valid = if shape.causal { r0 + i + 1 } else { cols };
-                    softmax_row(row, scale, valid);
-                }
-                unsafe {
-                    gemm::gemm(
-                        rb,
-                        dh,
-                        cols,
-                        out_ptr.0.add((start + r0) * od + h * dh),
-                        1,
-                        od as isize,
-                        false,
-                        scratch.as_ptr(),
-                        1,
-                        cols as isize,
-                        v_base,
-                        1,
-                        rs as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                r0 += rb;
+    tasks.par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, &(start, len, h)| {
+        let out_ptr = out_ptr;
+        let kvh = h / group;
+        let q_base = qkv[start * rs + h * dh..].as_ptr();
+        let k_base = qkv[start * rs + k_off + kvh * dh..].as_ptr();
+        let v_base = qkv[start * rs + v_off + kvh * dh..].as_ptr();
+        let mut r0 = 0;
+        while r0 < len {
+            let rb = ROW_BLOCK.min(len - r0);
+            // Causal rows never look past their own position.
+            let cols = if shape.causal { r0 + rb } else { len };
+            scratch.resize(rb * cols, 0.0);
+            // SAFETY: all pointers stay inside `qkv`/`out` for the given strides and sizes;
+            // the output block (rows r0..r0+rb of this sequence, head h) belongs to this task.
+            unsafe {
+                gemm::gemm(
+                    rb,
+                    cols,
+                    dh,
+                    scratch.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    false,
+                    q_base.add(r0 * rs),
+                    1,
+                    rs as isize,
+                    k_base,
+                    rs as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
-        });
+            for (i, row) in scratch.chunks_mut(cols).enumerate() {
+                let valid = if shape.causal { r0 + i + 1 } else { cols };
+                softmax_row(row, scale, valid);
+            }
+            unsafe {
+                gemm::gemm(
+                    rb,
+                    dh,
+                    cols,
+                    out_ptr.0.add((start + r0) * od + h * dh),
+                    1,
+                    od as isize,
+                    false,
+                    scratch.as_ptr(),
+                    1,
+                    cols as isize,
+                    v_base,
+                    1,
+                    rs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            r0 += rb;
+        }
+    });
 }
 
 /// Rotary embedding tables: `cos[pos * half + i]`, `sin[...]` for `i < head_dim / 2`.
@@ -547,17 +536,8 @@ mod tests {
     #[test]
     fn fast_erf_matches_reference_points() {
         // erf values from the standard tables.
-        for (x, e) in [
-            (0.0f32, 0.0f32),
-            (0.5, 0.520_499_9),
-            (1.0, 0.842_700_8),
-            (-2.0, -0.995_322_3),
-        ] {
-            assert!(
-                (fast_erf(x) - e).abs() < 3e-7,
-                "erf({x})={} vs {e}",
-                fast_erf(x)
-            );
+        for (x, e) in [(0.0f32, 0.0f32), (0.5, 0.520_499_9), (1.0, 0.842_700_8), (-2.0, -0.995_322_3)] {
+            assert!((fast_erf(x) - e).abs() < 3e-7, "erf({x})={} vs {e}", fast_erf(x));
         }
     }
 
@@ -589,10 +569,7 @@ mod tests {
                     let mut w: Vec<f64> = (0..lim)
                         .map(|j| {
                             let k = &qkv[(start + j) * rs + sh.n_heads * dh + kvh * dh..][..dh];
-                            q.iter()
-                                .zip(k)
-                                .map(|(a, b)| (*a as f64) * (*b as f64))
-                                .sum::<f64>()
+                            q.iter().zip(k).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>()
                                 / (dh as f64).sqrt()
                         })
                         .collect();
@@ -602,10 +579,7 @@ mod tests {
                     for d in 0..dh {
                         let mut acc = 0f64;
                         for (j, wj) in w.iter().enumerate() {
-                            let v = qkv[(start + j) * rs
-                                + (sh.n_heads + sh.n_kv_heads) * dh
-                                + kvh * dh
-                                + d];
+                            let v = qkv[(start + j) * rs + (sh.n_heads + sh.n_kv_heads) * dh + kvh * dh + d];
                             acc += wj / s * v as f64;
                         }
                         out[(start + i) * sh.out_width() + h * dh + d] = acc as f32;
@@ -621,12 +595,7 @@ mod tests {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for causal in [false, true] {
-            let sh = AttentionShape {
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 8,
-                causal,
-            };
+            let sh = AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 8, causal };
             // Lengths straddle the row block so the blocked path is exercised.
             let lens = [1usize, 5, 130, 17];
             let mut seqs = vec![];
@@ -635,17 +604,11 @@ mod tests {
                 seqs.push((t, l));
                 t += l;
             }
-            let qkv: Vec<f32> = (0..t * sh.qkv_width())
-                .map(|_| rng.random_range(-2.0..2.0))
-                .collect();
+            let qkv: Vec<f32> = (0..t * sh.qkv_width()).map(|_| rng.random_range(-2.0..2.0)).collect();
             let mut out = vec![0f32; t * sh.out_width()];
             attention(&qkv, &seqs, sh, &mut out);
             let want = naive_attention(&qkv, &seqs, sh);
-            let worst = out
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = out.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 1e-5, "causal={causal} worst {worst}");
         }
     }

@@ -283,10 +283,7 @@ pub fn qk_norm_rope(
     let (rows, width) = qkv.dims2()?;
     if let Some(p) = positions.iter().max() {
         if *p as usize >= rope.max_positions() {
-            candle_core::bail!(
-                "position {p} beyond the rotary table ({})",
-                rope.max_positions()
-            );
+            candle_core::bail!("position {p} beyond the rotary table ({})", rope.max_positions());
         }
     }
     let qg = q_gamma.map(cpu_view);
@@ -326,11 +323,7 @@ fn qk_norm_rope_generic(
     let gather = |table: &Vec<f32>| -> CResult<Tensor> {
         let data: Vec<f32> = positions
             .iter()
-            .flat_map(|p| {
-                table[*p as usize * half..(*p as usize + 1) * half]
-                    .iter()
-                    .copied()
-            })
+            .flat_map(|p| table[*p as usize * half..(*p as usize + 1) * half].iter().copied())
             .collect();
         Tensor::from_vec(data, (rows, 1, half), dev)?.to_dtype(qkv.dtype())
     };
@@ -361,9 +354,7 @@ fn qk_norm_rope_generic(
 /// calls only adjust BLAS.
 pub fn set_threads(n: usize) {
     let n = n.max(1);
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     #[cfg(feature = "openblas")]
     blas::set_threads(n);
 }
@@ -406,12 +397,7 @@ mod tests {
         let b = rand_tensor(&[16], 4);
         let w = rand_tensor(&[24, 16], 5);
         let wb = rand_tensor(&[24], 6);
-        assert!(
-            max_diff(
-                &linear(&x, &w, Some(&wb)).unwrap(),
-                &linear_generic(&x, &w, Some(&wb)).unwrap()
-            ) < 1e-5
-        );
+        assert!(max_diff(&linear(&x, &w, Some(&wb)).unwrap(), &linear_generic(&x, &w, Some(&wb)).unwrap()) < 1e-5);
         assert!(max_diff(&gelu(x.clone()).unwrap(), &x.gelu_erf().unwrap()) < 1e-6);
         let ln = add_layer_norm(&x, Some(&r), &g, Some(&b), 1e-12).unwrap();
         let ln_ref = candle_nn::ops::layer_norm(&(&x + &r).unwrap(), &g, &b, 1e-12).unwrap();
@@ -430,15 +416,8 @@ mod tests {
 
     #[test]
     fn attention_and_rope_fast_paths_match_generic() {
-        let shape = AttentionShape {
-            n_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 8,
-            causal: true,
-        };
-        let layout = SeqLayout {
-            spans: vec![(0, 3), (3, 7), (10, 1)],
-        };
+        let shape = AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 8, causal: true };
+        let layout = SeqLayout { spans: vec![(0, 3), (3, 7), (10, 1)] };
         let qkv = rand_tensor(&[11, shape.qkv_width()], 9);
         let a = attention(&qkv, &layout, shape).unwrap();
         let b = attention_generic(&qkv, &layout, shape).unwrap();
@@ -447,18 +426,8 @@ mod tests {
         let positions: Vec<u32> = [0u32, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0].to_vec();
         let qg = rand_tensor(&[8], 10);
         let kg = rand_tensor(&[8], 11);
-        let fast = qk_norm_rope(
-            qkv.clone(),
-            shape,
-            Some(&qg),
-            Some(&kg),
-            1e-6,
-            &positions,
-            &rope,
-        )
-        .unwrap();
-        let slow = qk_norm_rope_generic(&qkv, shape, Some(&qg), Some(&kg), 1e-6, &positions, &rope)
-            .unwrap();
+        let fast = qk_norm_rope(qkv.clone(), shape, Some(&qg), Some(&kg), 1e-6, &positions, &rope).unwrap();
+        let slow = qk_norm_rope_generic(&qkv, shape, Some(&qg), Some(&kg), 1e-6, &positions, &rope).unwrap();
         assert!(max_diff(&fast, &slow) < 1e-5);
     }
 }

@@ -170,11 +170,7 @@ mod tests {
             for (ki, c) in all.iter().enumerate() {
                 let k = ki + 1;
                 let want = brute_force(&v, k);
-                assert!(
-                    (c.sse - want).abs() < 1e-9,
-                    "n={n} k={k}: {} vs {want}",
-                    c.sse
-                );
+                assert!((c.sse - want).abs() < 1e-9, "n={n} k={k}: {} vs {want}", c.sse);
                 assert_eq!(c.starts.len(), k);
                 assert_eq!(c.starts[0], 0);
                 assert!(c.starts.windows(2).all(|w| w[0] < w[1]), "{:?}", c.starts);

@@ -71,11 +71,7 @@ pub fn dispersion(scores: &[f32]) -> f32 {
     }
     let n = scores.len() as f64;
     let mean = scores.iter().map(|&s| s as f64).sum::<f64>() / n;
-    let var = scores
-        .iter()
-        .map(|&s| (s as f64 - mean).powi(2))
-        .sum::<f64>()
-        / n;
+    let var = scores.iter().map(|&s| (s as f64 - mean).powi(2)).sum::<f64>() / n;
     (var.sqrt() / (mean.abs() + 1.0)) as f32
 }
 

@@ -181,10 +181,7 @@ mod tests {
         l1.extend((0..20).map(|i| -5.0 + 0.01 * i as f32));
         let l2: Vec<f32> = (0..22).map(|i| i as f32).collect();
         let r = replay(&PruneConfig::default(), &[l1, l2.clone(), l2], 2);
-        assert_eq!(
-            r.ranking.iter().map(|x| x.0).collect::<Vec<_>>(),
-            vec![1, 0]
-        );
+        assert_eq!(r.ranking.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 0]);
         assert!(r.layers_per_candidate.iter().all(|&l| l == 1));
         assert_eq!(r.events.len(), 1);
     }

@@ -106,11 +106,10 @@ impl ModelFiles {
 
 fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index)?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| GratingError::WeightFile {
-            path: index.to_path_buf(),
-            reason: format!("invalid index json: {e}"),
-        })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| GratingError::WeightFile {
+        path: index.to_path_buf(),
+        reason: format!("invalid index json: {e}"),
+    })?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -128,10 +127,7 @@ fn shard_names(index: &Path) -> Result<Vec<String>> {
 }
 
 fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
-    let files: Vec<PathBuf> = shard_names(index)?
-        .into_iter()
-        .map(|n| dir.join(n))
-        .collect();
+    let files: Vec<PathBuf> = shard_names(index)?.into_iter().map(|n| dir.join(n)).collect();
     for f in &files {
         if !f.is_file() {
             return Err(GratingError::WeightFile {
@@ -248,11 +244,9 @@ impl WeightIndex {
     }
 
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        self.entries
-            .get(name)
-            .ok_or_else(|| GratingError::MissingTensor {
-                name: name.to_string(),
-            })
+        self.entries.get(name).ok_or_else(|| GratingError::MissingTensor {
+            name: name.to_string(),
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -320,11 +314,7 @@ pub fn tensor_from_bytes(
         });
     }
     let t = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &Device::Cpu)?;
-    let t = if entry.dtype != dtype {
-        t.to_dtype(dtype)?
-    } else {
-        t
-    };
+    let t = if entry.dtype != dtype { t.to_dtype(dtype)? } else { t };
     Ok(t.to_device(device)?)
 }
 

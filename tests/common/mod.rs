@@ -10,19 +10,10 @@ pub fn shared_dir() -> Option<PathBuf> {
     if dir.join("models").is_dir() {
         return Some(dir);
     }
-    if std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false)
-    {
-        panic!(
-            "CI=true but {} is missing: the shared models and data are required",
-            dir.display()
-        );
+    if std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false) {
+        panic!("CI=true but {} is missing: the shared models and data are required", dir.display());
     }
-    eprintln!(
-        "SKIPPED: {} not found (tests that need shared models are skipped outside CI)",
-        dir.display()
-    );
+    eprintln!("SKIPPED: {} not found (tests that need shared models are skipped outside CI)", dir.display());
     None
 }
 
@@ -31,9 +22,7 @@ pub fn shared_model(name: &str) -> Option<PathBuf> {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 #[derive(serde::Deserialize, Debug, Clone)]
