@@ -46,6 +46,10 @@ pub enum GratingError {
     #[error("request cancelled: {0}")]
     Cancelled(String),
 
+    /// A bug inside the engine (a caught panic, a stopped scheduler); never the caller's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
+
     #[error("tensor backend: {0}")]
     Backend(#[from] candle_core::Error),
 

@@ -16,6 +16,8 @@ pub mod memory;
 pub mod models;
 pub mod ops;
 pub mod prune;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod synth;
 pub mod tokenize;
 pub mod weights;

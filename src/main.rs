@@ -11,6 +11,9 @@ use clap::{Parser, Subcommand};
     about = "Fast, memory-bounded top-K selection with cross-encoder rerankers"
 )]
 struct Cli {
+    /// Log as JSON lines (one object per event, with span fields such as request_id).
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,17 +35,32 @@ enum Command {
     /// Internal: one benchmark contender serving requests on stdin.
     #[command(hide = true)]
     BenchWorker(cli::bench::WorkerArgs),
+    /// Serve the Cohere/Jina (/v1/rerank, /v2/rerank) and TEI (/rerank) APIs over HTTP.
+    #[cfg(feature = "server")]
+    Serve(cli::serve::ServeArgs),
+    /// Load benchmark of the server on loopback: layer sharing against one-at-a-time.
+    #[cfg(feature = "server")]
+    BenchServe(cli::bench_serve::BenchServeArgs),
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("GRATING_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // The server logs each request at info; the batch commands stay quiet unless asked.
+    let default_level = match &cli.command {
+        #[cfg(feature = "server")]
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GRATING_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
     let result = match cli.command {
         Command::Rerank(a) => cli::rerank::run(a),
         Command::Eval(a) => cli::eval::run(a),
@@ -51,6 +69,10 @@ fn main() {
         Command::BenchWorker(a) => cli::bench::worker(a),
         Command::SynthModel(a) => cli::synth::run(a),
         Command::Convert(a) => cli::synth::run_convert(a),
+        #[cfg(feature = "server")]
+        Command::Serve(a) => cli::serve::run(a),
+        #[cfg(feature = "server")]
+        Command::BenchServe(a) => cli::bench_serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -6,6 +6,7 @@ pub mod budget;
 pub mod full;
 pub mod monolithic;
 pub(crate) mod offload;
+pub mod shared;
 pub mod stats;
 
 use crate::error::{GratingError, Result};
@@ -99,7 +100,8 @@ impl Default for EngineOptions {
 }
 
 /// What a streaming reranker needs to read layers during a pass.
-pub(crate) struct Streaming {
+#[derive(Clone)]
+pub struct Streaming {
     files: Arc<PreadFiles>,
     plans: Arc<Vec<LayerPlan>>,
     dtype: DType,
@@ -113,6 +115,19 @@ pub(crate) struct Layers<'a> {
     model: &'a dyn RerankModel,
     streaming: Option<&'a Streaming>,
     stream: Option<LayerStream>,
+}
+
+impl Streaming {
+    /// Starts reading `order` ahead for `model`'s layers.
+    pub fn start(&self, order: Vec<usize>) -> LayerStream {
+        LayerStream::start(
+            self.files.clone(),
+            self.plans.clone(),
+            order,
+            self.dtype,
+            self.device.clone(),
+        )
+    }
 }
 
 impl<'a> Layers<'a> {
@@ -417,6 +432,12 @@ impl Reranker {
                 limit as f64 / 1048576.0
             ))),
         }
+    }
+
+    /// The streaming handle when weights are streamed (for schedulers that run layers
+    /// themselves, like the server's shared pass).
+    pub fn streaming(&self) -> Option<&Streaming> {
+        self.streaming.as_ref()
     }
 
     pub(crate) fn layers(&self) -> Layers<'_> {

@@ -57,7 +57,7 @@ pub(crate) fn plan_chunks(
 
 /// Gathers the rows of the live members of `chunks` into new chunks under `budget`, dropping
 /// each old chunk as soon as its survivors are copied.
-fn repack(
+pub(crate) fn repack(
     chunks: Vec<Chunk>,
     live: impl Fn(usize) -> bool,
     pairs: &[EncodedPair],

@@ -77,6 +77,16 @@ impl SpillFile {
 }
 
 impl Hidden {
+    /// The resident tensor (schedulers that never offload).
+    pub(crate) fn resident(&self) -> Result<&Tensor> {
+        match self {
+            Hidden::Resident(t) => Ok(t),
+            Hidden::Spilled { .. } => Err(GratingError::InvalidInput(
+                "hidden states are offloaded".into(),
+            )),
+        }
+    }
+
     /// The tensor, read back from `spill` if it was offloaded.
     pub(crate) fn get(
         &self,

@@ -265,7 +265,7 @@ impl LayerBlock for EncoderLayer {
             self.eps,
         )?;
         drop(attn);
-        let up = ops::gelu(ops::linear(&h1, &self.up_w, Some(&self.up_b))?)?;
+        let up = ops::linear_gelu(&h1, &self.up_w, Some(&self.up_b))?;
         let down = ops::linear(&up, &self.down_w, Some(&self.down_b))?;
         drop(up);
         Ok(ops::add_layer_norm(

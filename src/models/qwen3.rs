@@ -181,17 +181,18 @@ impl LayerBlock for DecoderLayer {
     fn forward(&self, hidden: &Tensor, batch: &PackedBatch) -> Result<Tensor> {
         let _enter = self.span.enter();
         let (x, _) = ops::add_rms_norm(hidden, None, &self.input_norm, self.eps)?;
-        let qkv = ops::linear(&x, &self.qkv_w, self.qkv_b.as_ref())?;
-        drop(x);
-        let qkv = ops::qk_norm_rope(
-            qkv,
+        let qkv = ops::linear_qk_norm_rope(
+            &x,
+            &self.qkv_w,
+            self.qkv_b.as_ref(),
             self.shape,
-            Some(&self.q_norm),
-            Some(&self.k_norm),
+            &self.q_norm,
+            &self.k_norm,
             self.eps,
             &batch.positions,
             &self.rope,
         )?;
+        drop(x);
         let ctx = ops::attention(&qkv, &batch.layout, self.shape)?;
         drop(qkv);
         let attn = ops::linear(&ctx, &self.o_w, None)?;

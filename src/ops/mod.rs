@@ -77,6 +77,29 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
     linear_generic(x, w, b)
 }
 
+/// `gelu(linear(x, w, b))`, fused on the CPU so the wide intermediate exists once.
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
+    let (rows, in_dim) = x.dims2()?;
+    let (out_dim, _) = w.dims2()?;
+    if let (Some(xv), Some(wv), Some(bv)) = (cpu_view(x), cpu_view(w), b.map(cpu_view)) {
+        if let Some(bv) = bv.as_ref() {
+            let mut out = vec![0f32; rows * out_dim];
+            cpu::linear(
+                xv.slice(),
+                rows,
+                in_dim,
+                wv.slice(),
+                out_dim,
+                Some(bv.slice()),
+                &mut out,
+            );
+            cpu::gelu_erf(&mut out);
+            return cpu_tensor(out, (rows, out_dim));
+        }
+    }
+    gelu(linear(x, w, b)?)
+}
+
 fn linear_generic(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
     let y = x.matmul(&w.t()?)?;
     match b {
@@ -268,6 +291,67 @@ fn repeat_kv(x: &Tensor, rep: usize) -> CResult<Tensor> {
     x.unsqueeze(1)?
         .expand((n, rep, len, dh))?
         .reshape((n * rep, len, dh))
+}
+
+/// The fused QKV projection followed by Qwen3's q/k norm and rotary embedding, done in place
+/// on the CPU so the projection exists once.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_qk_norm_rope(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    shape: AttentionShape,
+    q_gamma: &Tensor,
+    k_gamma: &Tensor,
+    eps: f64,
+    positions: &[u32],
+    rope: &RopeTable,
+) -> CResult<Tensor> {
+    let (rows, in_dim) = x.dims2()?;
+    let (out_dim, _) = w.dims2()?;
+    let in_table = positions
+        .iter()
+        .all(|&p| (p as usize) < rope.max_positions());
+    if let (Some(xv), Some(wv), Some(qg), Some(kg), true, None) = (
+        cpu_view(x),
+        cpu_view(w),
+        cpu_view(q_gamma),
+        cpu_view(k_gamma),
+        in_table,
+        b,
+    ) {
+        if out_dim == shape.qkv_width() && positions.len() == rows {
+            let mut out = vec![0f32; rows * out_dim];
+            cpu::linear(
+                xv.slice(),
+                rows,
+                in_dim,
+                wv.slice(),
+                out_dim,
+                None,
+                &mut out,
+            );
+            cpu::qk_norm_rope(
+                &mut out,
+                shape,
+                Some(qg.slice()),
+                Some(kg.slice()),
+                eps as f32,
+                positions,
+                rope,
+            );
+            return cpu_tensor(out, (rows, out_dim));
+        }
+    }
+    qk_norm_rope(
+        linear(x, w, b)?,
+        shape,
+        Some(q_gamma),
+        Some(k_gamma),
+        eps,
+        positions,
+        rope,
+    )
 }
 
 /// Qwen3's per-head q/k RMSNorm followed by rotary embedding, on a fused qkv projection.

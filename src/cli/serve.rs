@@ -1,0 +1,138 @@
+//! `grating serve`: the rerank HTTP server (see `grating::server`).
+
+use super::common::{ModelArgs, PruneArgs};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use grating::engine::Reranker;
+use grating::server::{AppState, ServerConfig};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Server flags shared by `serve` and `bench-serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub prune: PruneArgs,
+    /// Most documents in one request (413 beyond).
+    #[arg(long, default_value_t = 1000)]
+    pub max_documents: usize,
+    /// Most tokens of one (query, document) sequence (default: the model's maximum). Longer
+    /// ones are cut, or refused with 413 when a TEI request sets truncate=false.
+    #[arg(long)]
+    pub max_tokens_per_doc: Option<usize>,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+    /// Rerank requests handled at once; more get 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_concurrent_requests: usize,
+    /// Per-request deadline in seconds; later answers are 503 `timeout`.
+    #[arg(long, default_value_t = 120.0)]
+    pub request_timeout: f64,
+    /// Tokens per chunk of one request's hidden states (bounds activation memory).
+    #[arg(long, default_value_t = grating::engine::monolithic::DEFAULT_CHUNK_TOKENS)]
+    pub chunk_tokens: usize,
+    /// Tokens one layer step computes, shared by the requests in it (the fairness budget).
+    #[arg(long, default_value_t = grating::engine::shared::DEFAULT_STEP_TOKENS)]
+    pub step_tokens: usize,
+    /// Run requests one after another instead of sharing layer steps between them.
+    #[arg(long)]
+    pub no_layer_sharing: bool,
+    /// Rebuild each layer from the memory-mapped checkpoint at every step, standing in for
+    /// weight streaming (CPU, f32 only).
+    #[arg(long)]
+    pub reload_layers: bool,
+    /// Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_grace: f64,
+}
+
+impl ServerArgs {
+    pub fn config(&self, reranker: &Reranker, api_key: Option<String>) -> Result<ServerConfig> {
+        if self.chunk_tokens == 0 || self.step_tokens == 0 {
+            bail!("--chunk-tokens and --step-tokens must be positive");
+        }
+        if self.max_documents == 0 || self.max_concurrent_requests == 0 {
+            bail!("--max-documents and --max-concurrent-requests must be positive");
+        }
+        let positive = self.request_timeout.is_finite() && self.request_timeout > 0.0;
+        let grace_ok = self.shutdown_grace.is_finite() && self.shutdown_grace >= 0.0;
+        if !positive || !grace_ok {
+            bail!("--request-timeout must be positive and --shutdown-grace non-negative");
+        }
+        Ok(ServerConfig {
+            max_documents: self.max_documents,
+            max_tokens_per_doc: self.max_tokens_per_doc,
+            max_body_bytes: self.max_body_bytes,
+            max_concurrent_requests: self.max_concurrent_requests,
+            request_timeout: Duration::from_secs_f64(self.request_timeout),
+            api_key: api_key.filter(|k| !k.is_empty()),
+            chunk_tokens: self.chunk_tokens,
+            prune: self.prune.config(reranker.files())?,
+            layer_sharing: !self.no_layer_sharing,
+            step_tokens: self.step_tokens,
+            reload_layers: self.reload_layers,
+            shutdown_grace: Duration::from_secs_f64(self.shutdown_grace),
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Address to bind; loopback unless you mean to expose the server.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer <key>` on every endpoint but /health, /docs and
+    /// /openapi.json.
+    #[arg(long, env = "GRATING_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Threads for HTTP and JSON (compute has its own).
+    #[arg(long, default_value_t = 2)]
+    pub http_threads: usize,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let opts = args.model.engine_options()?;
+    let reranker = Arc::new(Reranker::load(&args.model.model, &opts)?);
+    let cfg = args.server.config(&reranker, args.api_key.clone())?;
+    let state = AppState::new(reranker, cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.http_threads.max(1))
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot bind {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(%local, model = %args.model.model, "listening");
+        // One line on stdout for scripts that started us on port 0.
+        println!("grating listening on http://{local}");
+        grating::server::serve(listener, state, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}

@@ -1,0 +1,855 @@
+//! Cross-request layer sharing: one scheduler thread owns the model and runs a single,
+//! never-ending monolithic pass into which concurrent requests are admitted.
+//!
+//! Every admitted request keeps exactly what a lone monolithic pass keeps: its own candidates,
+//! its own chunks of hidden states (planned and repacked with the same functions and the same
+//! chunk budget, never mixed with another request's rows), its own [`PruneState`] and the index
+//! of the layer it is at. A *step* runs one layer `l` over chunks of several requests that are
+//! all at layer `l`, so the layer's weights are obtained once (`model.layer(l)`, which is a read
+//! of the layer from the weight store once streaming lands) and serve all of them. Because a
+//! request's chunks and the order of its pruning decisions are those of a lone run, its answer
+//! is bit-for-bit the answer of [`crate::engine::Reranker::rerank`] in grating mode.
+//!
+//! A request answers as soon as its own top K is decided (or its last layer is scored), without
+//! waiting for anyone else.
+//!
+//! # Fairness policy
+//! Each step computes at most `step_tokens` tokens (one chunk more when a single chunk is
+//! larger). Who gets them is decided by **least attained service** (LAS): requests are ordered
+//! by the token-layers they have received so far (fewest first; ties by arrival), the step's
+//! layer is the layer of the first request in that order, and the requests at that layer then
+//! take their next chunks round robin in that order, one chunk each per round, until the budget
+//! is spent (the order is strict: when the next chunk does not fit, the step is full and no
+//! later request leapfrogs it with a smaller chunk). A newly arrived request has received nothing,
+//! so it is served at the very next step: small requests finish in a few steps however large
+//! the requests already running are, and a request with thousands of candidates only gets the
+//! capacity that small ones leave. Plain LAS can starve a large request under a steady stream
+//! of small ones, so a request passed over for `starve_after_steps` consecutive steps goes
+//! first (the starvation guard). See [`plan_step`], which is pure and unit-tested.
+//!
+//! Without sharing (`layer_sharing: false`, the baseline the benchmark compares against) the
+//! scheduler admits one request at a time in arrival order and runs each whole layer of it in
+//! one step: exactly one request after another.
+
+use super::full::{length_order, pack};
+use super::monolithic::{plan_chunks, repack, Chunk};
+use super::offload::Hidden;
+use super::stats::{LayerTiming, RequestStats};
+use super::{RerankOutput, Scored};
+use crate::error::{GratingError, Result};
+use crate::models::{LayerBlock, RerankModel};
+use crate::prune::state::PruneState;
+use crate::prune::PruneConfig;
+use crate::tokenize::EncodedPair;
+use crate::weights::TensorSource;
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Tokens per step unless configured: one default chunk. A small request's latency under load
+/// is about its layers times one step (it goes first, but shares each step with the others at
+/// its layer), so the step is kept short; a larger step lets more requests share one read of a
+/// layer (worth it when layers are streamed) at the cost of that latency. Measured on the
+/// shared MiniLM with 2 cores: 8192 gave small requests 4.8x their lone latency at
+/// concurrency 4, see docs/serve.md.
+pub const DEFAULT_STEP_TOKENS: usize = 4096;
+
+/// Steps a request may be passed over before it goes first regardless of attained service.
+pub const DEFAULT_STARVE_AFTER_STEPS: u32 = 32;
+
+/// Where the scheduler gets a layer's weights for each step.
+pub enum LayerSource {
+    /// The model's resident layers.
+    Resident,
+    /// Rebuild the layer from this source at every step (from the memory-mapped checkpoint):
+    /// a stand-in for the streaming weight store, so that the cost of reading a layer, which
+    /// sharing pays once per step instead of once per request, is part of what is measured.
+    Reload(Arc<dyn TensorSource + Send + Sync>),
+    /// Streamed weights: each step's layer is read with `pread`, and the following layer is
+    /// read ahead while the step computes (steps mostly advance one layer at a time).
+    Stream(super::Streaming),
+}
+
+pub struct SharedOptions {
+    /// Share layer steps between requests (false: one request after another, FIFO).
+    pub layer_sharing: bool,
+    /// Token budget of one step, shared by the requests in it.
+    pub step_tokens: usize,
+    /// Requests holding hidden states at once; later arrivals wait, in arrival order.
+    pub max_active: usize,
+    pub starve_after_steps: u32,
+    pub layer_source: LayerSource,
+}
+
+impl Default for SharedOptions {
+    fn default() -> Self {
+        SharedOptions {
+            layer_sharing: true,
+            step_tokens: DEFAULT_STEP_TOKENS,
+            max_active: 64,
+            starve_after_steps: DEFAULT_STARVE_AFTER_STEPS,
+            layer_source: LayerSource::Resident,
+        }
+    }
+}
+
+/// Called once with the request's answer, on the scheduler thread (keep it short: send it on).
+pub type Reply = Box<dyn FnOnce(Result<RerankOutput>) + Send>;
+
+/// One tokenized request.
+pub struct Job {
+    pub pairs: Vec<EncodedPair>,
+    /// K (at most the number of candidates; 0 is refused).
+    pub k: usize,
+    pub chunk_tokens: usize,
+    pub prune: PruneConfig,
+    /// Set by the caller when the answer is no longer wanted (timeout, client gone); the
+    /// request is dropped at the next step and answered with `Cancelled`.
+    pub cancel: Arc<AtomicBool>,
+    /// Dropped and answered with `Cancelled` when still running at this instant.
+    pub deadline: Option<Instant>,
+    /// Seconds the caller spent tokenizing, copied into the stats.
+    pub tokenize_seconds: f64,
+    pub reply: Reply,
+}
+
+/// Engine-wide counters, read by the server's metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests waiting for admission.
+    pub pending: AtomicUsize,
+    /// Requests admitted and not yet answered.
+    pub active: AtomicUsize,
+    /// Layer steps run (each obtains one layer's weights once).
+    pub steps: AtomicU64,
+    /// Sum over steps of the requests served by the step (steps x sharing factor).
+    pub request_steps: AtomicU64,
+    /// Candidate-layers computed, and those pruning saved, over finished requests.
+    pub candidate_layers_computed: AtomicU64,
+    pub candidate_layers_saved: AtomicU64,
+    /// Tokens run through layers.
+    pub token_layers: AtomicU64,
+    /// Microseconds steps waited for streamed weights.
+    pub stall_micros: AtomicU64,
+}
+
+enum Msg {
+    Job(Box<Job>),
+    CancelAll,
+}
+
+/// Handle to the scheduler thread. Dropping it (or [`SharedEngine::shutdown`]) lets in-flight
+/// requests finish, then stops the thread.
+pub struct SharedEngine {
+    tx: Mutex<Option<Sender<Msg>>>,
+    /// Set by [`SharedEngine::cancel_all`]: from then on every request, queued, running or
+    /// submitted later, is answered with `Cancelled` (so a request racing the cancellation
+    /// cannot slip through).
+    cancelled: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+}
+
+impl SharedEngine {
+    pub fn start(model: Arc<dyn RerankModel>, opts: SharedOptions) -> SharedEngine {
+        let (tx, rx) = mpsc::channel();
+        let counters = Arc::new(Counters::default());
+        let c = counters.clone();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let flag = cancelled.clone();
+        let thread = std::thread::Builder::new()
+            .name("grating-scheduler".into())
+            .spawn(move || Scheduler::new(model, opts, c, flag).run(rx))
+            .expect("spawn the scheduler thread");
+        SharedEngine {
+            tx: Mutex::new(Some(tx)),
+            cancelled,
+            thread: Mutex::new(Some(thread)),
+            counters,
+        }
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Queues a job. On error (the engine stopped) the job's reply is called with it.
+    pub fn submit(&self, job: Job) {
+        if self.cancelled.load(Ordering::SeqCst) {
+            (job.reply)(Err(GratingError::Cancelled(
+                "the server is shutting down".into(),
+            )));
+            return;
+        }
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(tx) = tx else {
+            (job.reply)(Err(GratingError::Cancelled(
+                "the engine is shutting down".into(),
+            )));
+            return;
+        };
+        self.counters.pending.fetch_add(1, Ordering::SeqCst);
+        if let Err(mpsc::SendError(Msg::Job(job))) = tx.send(Msg::Job(Box::new(job))) {
+            self.counters.pending.fetch_sub(1, Ordering::SeqCst);
+            (job.reply)(Err(GratingError::Internal(
+                "the scheduler has stopped".into(),
+            )));
+        }
+    }
+
+    /// Answers every queued and running request with `Cancelled` at the next step.
+    pub fn cancel_all(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        if let Some(tx) = self.tx.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = tx.send(Msg::CancelAll);
+        }
+    }
+
+    /// Stops accepting jobs, lets the admitted and queued ones finish, and joins the thread.
+    pub fn shutdown(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SharedEngine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// What [`plan_step`] knows of one admitted request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepCandidate {
+    /// Arrival order.
+    pub seq: u64,
+    /// The layer (0-based) its next chunks run.
+    pub layer: usize,
+    /// Token-layers computed for it so far.
+    pub attained: u64,
+    /// Consecutive steps it had work but was passed over.
+    pub idle_steps: u32,
+    /// Tokens of its chunks still to run at `layer`, in order.
+    pub chunk_tokens: Vec<usize>,
+}
+
+/// A planned step: the layer, and `(request position, chunks to run)` in service order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepPlan {
+    pub layer: usize,
+    pub work: Vec<(usize, usize)>,
+}
+
+/// The fairness policy (see the module docs): LAS order with a starvation guard, the layer of
+/// the first request, then chunks of the requests at that layer, round robin in that order
+/// (one chunk each per round), within `budget` (at least one chunk).
+pub fn plan_step(cands: &[StepCandidate], budget: usize, starve_after: u32) -> Option<StepPlan> {
+    let mut order: Vec<usize> = (0..cands.len())
+        .filter(|&i| !cands[i].chunk_tokens.is_empty())
+        .collect();
+    order.sort_by_key(|&i| {
+        let c = &cands[i];
+        (c.idle_steps < starve_after, c.attained, c.seq)
+    });
+    let layer = cands[*order.first()?].layer;
+    let at_layer: Vec<usize> = order
+        .into_iter()
+        .filter(|&i| cands[i].layer == layer)
+        .collect();
+    // Round robin in LAS order, one chunk per request per round, so every request at the layer
+    // gets a share of the step (and of the layer read) before any gets a second chunk.
+    let mut taken = vec![0usize; at_layer.len()];
+    let mut used = 0usize;
+    'rounds: loop {
+        let mut progressed = false;
+        for (j, &i) in at_layer.iter().enumerate() {
+            let Some(&t) = cands[i].chunk_tokens.get(taken[j]) else {
+                continue;
+            };
+            if used > 0 && used + t > budget {
+                break 'rounds;
+            }
+            used += t;
+            taken[j] += 1;
+            progressed = true;
+        }
+        if !progressed {
+            break;
+        }
+    }
+    let work = at_layer
+        .into_iter()
+        .zip(taken)
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    Some(StepPlan { layer, work })
+}
+
+/// An admitted request.
+struct Active {
+    seq: u64,
+    pairs: Vec<EncodedPair>,
+    k: usize,
+    chunk_tokens: usize,
+    cancel: Arc<AtomicBool>,
+    deadline: Option<Instant>,
+    reply: Option<Reply>,
+    state: PruneState,
+    chunks: Vec<Chunk>,
+    layer: usize,
+    next_chunk: usize,
+    attained: u64,
+    idle_steps: u32,
+    layers_done: Vec<u16>,
+    stats: RequestStats,
+    admitted: Instant,
+    layer_tokens: usize,
+    layer_seconds: f64,
+    finals: Vec<(usize, f32)>,
+    done: bool,
+}
+
+impl Active {
+    fn finish(&mut self, result: Result<Vec<Scored>>, counters: &Counters) {
+        self.done = true;
+        let result = result.map(|ranked| {
+            let mut stats = std::mem::take(&mut self.stats);
+            stats.layers_per_candidate = std::mem::take(&mut self.layers_done);
+            stats.prune_events = self.state.events().to_vec();
+            stats.total_seconds = self.admitted.elapsed().as_secs_f64() + stats.tokenize_seconds;
+            stats.finish_counts();
+            counters
+                .candidate_layers_computed
+                .fetch_add(stats.candidate_layers_computed, Ordering::Relaxed);
+            counters.candidate_layers_saved.fetch_add(
+                stats
+                    .candidate_layers_full
+                    .saturating_sub(stats.candidate_layers_computed),
+                Ordering::Relaxed,
+            );
+            RerankOutput { ranked, stats }
+        });
+        self.chunks.clear();
+        if let Some(r) = self.reply.take() {
+            r(result);
+        }
+    }
+}
+
+struct Scheduler {
+    model: Arc<dyn RerankModel>,
+    opts: SharedOptions,
+    counters: Arc<Counters>,
+    pending: VecDeque<Box<Job>>,
+    active: Vec<Active>,
+    next_seq: u64,
+    open: bool,
+    cancelled: Arc<AtomicBool>,
+    /// Streaming: the layer being read ahead for the next step.
+    read_ahead: Option<(usize, crate::weights::stream::LayerStream)>,
+}
+
+impl Scheduler {
+    fn new(
+        model: Arc<dyn RerankModel>,
+        opts: SharedOptions,
+        counters: Arc<Counters>,
+        cancelled: Arc<AtomicBool>,
+    ) -> Self {
+        Scheduler {
+            model,
+            opts,
+            counters,
+            pending: VecDeque::new(),
+            active: Vec::new(),
+            next_seq: 0,
+            open: true,
+            cancelled,
+            read_ahead: None,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            // Take what has arrived; block only when there is nothing to compute.
+            loop {
+                let msg = if self.active.is_empty() && self.pending.is_empty() && self.open {
+                    match rx.recv_timeout(Duration::from_millis(200)) {
+                        Ok(m) => m,
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            self.open = false;
+                            break;
+                        }
+                    }
+                } else if self.open {
+                    match rx.try_recv() {
+                        Ok(m) => m,
+                        Err(mpsc::TryRecvError::Empty) => break,
+                        Err(mpsc::TryRecvError::Disconnected) => {
+                            self.open = false;
+                            break;
+                        }
+                    }
+                } else {
+                    break;
+                };
+                match msg {
+                    Msg::Job(j) => self.pending.push_back(j),
+                    Msg::CancelAll => {}
+                }
+            }
+            if self.cancelled.load(Ordering::SeqCst) {
+                self.cancel_all();
+            }
+            if !self.open && self.active.is_empty() && self.pending.is_empty() {
+                return;
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.step();
+            self.active.retain(|a| !a.done);
+            self.counters
+                .active
+                .store(self.active.len(), Ordering::SeqCst);
+        }
+    }
+
+    fn cancel_all(&mut self) {
+        for job in self.pending.drain(..) {
+            self.counters.pending.fetch_sub(1, Ordering::SeqCst);
+            (job.reply)(Err(GratingError::Cancelled(
+                "the server is shutting down".into(),
+            )));
+        }
+        for a in &mut self.active {
+            a.finish(
+                Err(GratingError::Cancelled(
+                    "the server is shutting down".into(),
+                )),
+                &self.counters,
+            );
+        }
+        self.active.clear();
+    }
+
+    fn drop_cancelled(&mut self) {
+        let now = Instant::now();
+        let expired = |cancel: &AtomicBool, deadline: Option<Instant>| {
+            cancel.load(Ordering::Relaxed) || deadline.is_some_and(|d| now >= d)
+        };
+        let counters = &self.counters;
+        self.pending.retain_mut(|j| {
+            if expired(&j.cancel, j.deadline) {
+                counters.pending.fetch_sub(1, Ordering::SeqCst);
+                let reply = std::mem::replace(&mut j.reply, Box::new(|_| {}));
+                reply(Err(GratingError::Cancelled(
+                    "deadline exceeded or cancelled".into(),
+                )));
+                false
+            } else {
+                true
+            }
+        });
+        for a in &mut self.active {
+            if expired(&a.cancel, a.deadline) {
+                a.finish(
+                    Err(GratingError::Cancelled(
+                        "deadline exceeded or cancelled".into(),
+                    )),
+                    counters,
+                );
+            }
+        }
+        self.active.retain(|a| !a.done);
+    }
+
+    /// Admits waiting requests (all of them up to `max_active` with sharing; one at a time
+    /// without) and embeds their candidates.
+    fn admit(&mut self) {
+        let limit = if self.opts.layer_sharing {
+            self.opts.max_active.max(1)
+        } else {
+            1
+        };
+        while self.active.len() < limit {
+            let Some(job) = self.pending.pop_front() else {
+                break;
+            };
+            self.counters.pending.fetch_sub(1, Ordering::SeqCst);
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let model = self.model.clone();
+            let admitted = catch_unwind(AssertUnwindSafe(|| admit_job(model.as_ref(), *job, seq)));
+            match admitted {
+                Ok(Some(a)) => self.active.push(a),
+                Ok(None) => {}
+                Err(_) => {
+                    tracing::error!("panic while admitting a request (answered with an error)")
+                }
+            }
+        }
+        self.counters
+            .active
+            .store(self.active.len(), Ordering::SeqCst);
+    }
+
+    fn step(&mut self) {
+        if self.active.is_empty() {
+            return;
+        }
+        let budget = if self.opts.layer_sharing {
+            self.opts.step_tokens.max(1)
+        } else {
+            usize::MAX
+        };
+        let cands: Vec<StepCandidate> = self
+            .active
+            .iter()
+            .map(|a| StepCandidate {
+                seq: a.seq,
+                layer: a.layer,
+                attained: a.attained,
+                idle_steps: a.idle_steps,
+                chunk_tokens: a.chunks[a.next_chunk..]
+                    .iter()
+                    .map(|c| c.batch.num_tokens())
+                    .collect(),
+            })
+            .collect();
+        let Some(plan) = plan_step(&cands, budget, self.opts.starve_after_steps) else {
+            return;
+        };
+        let _span =
+            tracing::trace_span!("step", layer = plan.layer, requests = plan.work.len()).entered();
+        let served: Vec<usize> = plan.work.iter().map(|w| w.0).collect();
+        for (i, a) in self.active.iter_mut().enumerate() {
+            if served.contains(&i) {
+                a.idle_steps = 0;
+            } else {
+                a.idle_steps = a.idle_steps.saturating_add(1);
+            }
+        }
+        let model = self.model.clone();
+        let layer = match catch_unwind(AssertUnwindSafe(|| self.obtain_layer(plan.layer))) {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => return self.fail(&served, e),
+            Err(_) => {
+                return self.fail(
+                    &served,
+                    GratingError::Internal("panic while loading a layer".into()),
+                )
+            }
+        };
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .request_steps
+            .fetch_add(plan.work.len() as u64, Ordering::Relaxed);
+        for &(i, n) in &plan.work {
+            let counters = &self.counters;
+            let a = &mut self.active[i];
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                advance(model.as_ref(), layer.as_ref(), a, n, counters)
+            }));
+            let err = match r {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(_) => GratingError::Internal("panic while running a layer".into()),
+            };
+            tracing::error!(error = %err, "request failed inside the engine");
+            a.finish(Err(err), counters);
+        }
+    }
+
+    fn obtain_layer(&mut self, l: usize) -> Result<Arc<dyn LayerBlock>> {
+        match &self.opts.layer_source {
+            LayerSource::Resident => self.model.layer(l),
+            LayerSource::Reload(src) => self.model.load_layer(l, src.as_ref()),
+            LayerSource::Stream(s) => {
+                let mut stream = match self.read_ahead.take() {
+                    Some((pl, st)) if pl == l => st,
+                    _ => s.start(vec![l]),
+                };
+                let (block, stall) = stream.next(self.model.as_ref(), l)?;
+                self.counters
+                    .stall_micros
+                    .fetch_add((stall * 1e6) as u64, Ordering::Relaxed);
+                let next = (l + 1) % self.model.num_layers();
+                self.read_ahead = Some((next, s.start(vec![next])));
+                Ok(block)
+            }
+        }
+    }
+
+    fn fail(&mut self, which: &[usize], e: GratingError) {
+        let msg = e.to_string();
+        for &i in which {
+            self.active[i].finish(Err(GratingError::Internal(msg.clone())), &self.counters);
+        }
+    }
+}
+
+/// Embeds a job's candidates into chunks (as [`super::monolithic::forward`] does). Answers
+/// and returns None when the job is refused.
+fn admit_job(model: &dyn RerankModel, job: Job, seq: u64) -> Option<Active> {
+    let Job {
+        pairs,
+        k,
+        chunk_tokens,
+        prune,
+        cancel,
+        deadline,
+        tokenize_seconds,
+        reply,
+    } = job;
+    let n = pairs.len();
+    if n == 0 || k == 0 {
+        reply(Err(GratingError::InvalidInput(
+            "a request needs at least one document and K of at least 1".into(),
+        )));
+        return None;
+    }
+    let info = model.info();
+    let budget = chunk_tokens.max(1);
+    let t = Instant::now();
+    let mut chunks = Vec::new();
+    for members in plan_chunks(&pairs, &length_order(&pairs), budget) {
+        let batch = pack(&pairs, &members);
+        match model.embed(&batch) {
+            Ok(hidden) => chunks.push(Chunk {
+                members,
+                batch,
+                hidden: Hidden::Resident(hidden),
+            }),
+            Err(e) => {
+                reply(Err(e));
+                return None;
+            }
+        }
+    }
+    let stats = RequestStats {
+        mode: "grating-shared".into(),
+        candidates: n,
+        tokens: pairs.iter().map(EncodedPair::len).sum(),
+        truncated: pairs.iter().filter(|p| p.truncated).count(),
+        num_layers: info.num_layers,
+        tokenize_seconds,
+        compute_seconds: t.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+    let k = k.min(n);
+    Some(Active {
+        seq,
+        state: PruneState::new(&prune, n, k, info.num_layers),
+        layers_done: vec![0; n],
+        pairs,
+        k,
+        chunk_tokens: budget,
+        cancel,
+        deadline,
+        reply: Some(reply),
+        chunks,
+        layer: 0,
+        next_chunk: 0,
+        attained: 0,
+        idle_steps: 0,
+        stats,
+        admitted: Instant::now(),
+        layer_tokens: 0,
+        layer_seconds: 0.0,
+        finals: Vec::new(),
+        done: false,
+    })
+}
+
+/// Runs `layer` over the next `n` chunks of `a`; when that completes the layer, scores, prunes
+/// and repacks exactly as a lone monolithic pass does, and answers when the request is done.
+fn advance(
+    model: &dyn RerankModel,
+    layer: &dyn LayerBlock,
+    a: &mut Active,
+    n: usize,
+    counters: &Counters,
+) -> Result<()> {
+    let info = model.info();
+    let t = Instant::now();
+    let end = (a.next_chunk + n).min(a.chunks.len());
+    for chunk in &mut a.chunks[a.next_chunk..end] {
+        chunk.hidden = Hidden::Resident(layer.forward(chunk.hidden.resident()?, &chunk.batch)?);
+        let tokens = chunk.batch.num_tokens();
+        a.layer_tokens += tokens;
+        a.attained += tokens as u64;
+        counters
+            .token_layers
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+        for (&m, &(_, len)) in chunk.members.iter().zip(&chunk.batch.layout.spans) {
+            a.layers_done[m] += 1;
+            a.stats.flops += info.layer_flops(len);
+        }
+    }
+    a.next_chunk = end;
+    a.layer_seconds += t.elapsed().as_secs_f64();
+    if a.next_chunk < a.chunks.len() {
+        a.stats.compute_seconds += t.elapsed().as_secs_f64();
+        return Ok(());
+    }
+    // The layer is complete for this request.
+    let layer_no = a.layer + 1;
+    let is_last = layer_no == info.num_layers;
+    let live_before: usize = a.chunks.iter().map(|c| c.members.len()).sum();
+    let score_start = Instant::now();
+    if is_last || a.state.wants_scores(layer_no) {
+        let mut ids = Vec::with_capacity(live_before);
+        let mut scores = Vec::with_capacity(live_before);
+        for chunk in &a.chunks {
+            ids.extend_from_slice(&chunk.members);
+            scores.extend(model.score(chunk.hidden.resident()?, &chunk.batch)?);
+        }
+        if is_last {
+            a.finals = ids.into_iter().zip(scores).collect();
+        } else if a.state.observe(layer_no, &ids, &scores) {
+            let chunks = std::mem::take(&mut a.chunks);
+            let (dtype, device) = match chunks.first() {
+                Some(c) => {
+                    let t = c.hidden.resident()?;
+                    (t.dtype(), t.device().clone())
+                }
+                None => (candle_core::DType::F32, candle_core::Device::Cpu),
+            };
+            let st = &a.state;
+            a.chunks = repack(
+                chunks,
+                |m| st.is_live(m),
+                &a.pairs,
+                a.chunk_tokens,
+                None,
+                (dtype, &device),
+            )?;
+        }
+    }
+    a.stats.layer_timings.push(LayerTiming {
+        layer: layer_no,
+        live_candidates: live_before,
+        tokens: a.layer_tokens,
+        seconds: a.layer_seconds + score_start.elapsed().as_secs_f64(),
+        stall_seconds: 0.0,
+    });
+    a.stats.compute_seconds += t.elapsed().as_secs_f64();
+    a.layer_tokens = 0;
+    a.layer_seconds = 0.0;
+    a.layer += 1;
+    a.next_chunk = 0;
+    if is_last || a.chunks.is_empty() {
+        let ranked: Vec<Scored> = a
+            .state
+            .ranking(&a.finals)
+            .into_iter()
+            .map(|(index, logit)| Scored { index, logit })
+            .collect();
+        if let Some(bad) = ranked.iter().find(|s| !s.logit.is_finite()) {
+            return Err(GratingError::InvalidInput(format!(
+                "document {} produced a non-finite score",
+                bad.index
+            )));
+        }
+        debug_assert!(ranked.len() <= a.k);
+        a.finish(Ok(ranked), counters);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(seq: u64, layer: usize, attained: u64, chunks: &[usize]) -> StepCandidate {
+        StepCandidate {
+            seq,
+            layer,
+            attained,
+            idle_steps: 0,
+            chunk_tokens: chunks.to_vec(),
+        }
+    }
+
+    #[test]
+    fn least_attained_service_goes_first_and_sets_the_layer() {
+        // A big request deep into layer 3, two newcomers at layer 0.
+        let c = vec![
+            cand(0, 3, 50_000, &[4000, 4000, 4000]),
+            cand(1, 0, 0, &[1800]),
+            cand(2, 0, 0, &[900]),
+        ];
+        let p = plan_step(&c, 8192, 64).unwrap();
+        assert_eq!(p.layer, 0);
+        assert_eq!(p.work, vec![(1, 1), (2, 1)]);
+    }
+
+    #[test]
+    fn ties_are_broken_by_arrival() {
+        let c = vec![cand(7, 0, 0, &[100]), cand(3, 0, 0, &[100])];
+        let p = plan_step(&c, 8192, 64).unwrap();
+        assert_eq!(p.work, vec![(1, 1), (0, 1)]);
+    }
+
+    #[test]
+    fn the_budget_is_shared_round_robin_and_order_is_strict() {
+        // One chunk each per round in LAS order; request 0's second chunk no longer fits.
+        let c = vec![
+            cand(0, 2, 10, &[3000, 3000, 3000]),
+            cand(1, 2, 20, &[3000]),
+            cand(2, 2, 30, &[500]),
+        ];
+        let p = plan_step(&c, 8192, 64).unwrap();
+        assert_eq!(p.layer, 2);
+        assert_eq!(p.work, vec![(0, 1), (1, 1), (2, 1)]);
+        // Rounds continue while chunks fit.
+        let c = vec![cand(0, 0, 0, &[1000; 5]), cand(1, 0, 5, &[1000, 1000])];
+        assert_eq!(plan_step(&c, 5000, 64).unwrap().work, vec![(0, 3), (1, 2)]);
+        // Request 1's chunk does not fit, so the smaller chunk of request 2 (later in LAS
+        // order) does not leapfrog it.
+        let c = vec![
+            cand(0, 2, 10, &[3000, 3000]),
+            cand(1, 2, 20, &[6000]),
+            cand(2, 2, 30, &[500]),
+        ];
+        assert_eq!(plan_step(&c, 8192, 64).unwrap().work, vec![(0, 1)]);
+        // A chunk larger than the budget still runs, alone.
+        let c = vec![cand(0, 0, 0, &[20_000, 100])];
+        assert_eq!(plan_step(&c, 8192, 64).unwrap().work, vec![(0, 1)]);
+    }
+
+    #[test]
+    fn requests_at_other_layers_wait() {
+        let c = vec![
+            cand(0, 1, 100, &[100]),
+            cand(1, 4, 50, &[100]),
+            cand(2, 1, 200, &[100]),
+        ];
+        let p = plan_step(&c, 8192, 64).unwrap();
+        assert_eq!(p.layer, 4);
+        assert_eq!(p.work, vec![(1, 1)]);
+    }
+
+    #[test]
+    fn starved_requests_go_first() {
+        let mut big = cand(0, 5, 1_000_000, &[4000]);
+        big.idle_steps = 64;
+        let c = vec![big, cand(1, 0, 0, &[100])];
+        let p = plan_step(&c, 8192, 64).unwrap();
+        assert_eq!(p.layer, 5);
+        assert_eq!(p.work, vec![(0, 1)]);
+    }
+
+    #[test]
+    fn nothing_to_do_plans_nothing() {
+        assert_eq!(plan_step(&[], 8192, 64), None);
+        assert_eq!(plan_step(&[cand(0, 0, 0, &[])], 8192, 64), None);
+    }
+}
