@@ -76,7 +76,7 @@ pub struct PruneArgs {
     #[arg(long)]
     pub exact_order: bool,
     /// Dispersion threshold (std / (|mean| + 1) of a layer's scores) above which a layer prunes.
-    /// Default: the calibrated profile of the model if there is one, else 0.1.
+    /// Default: the calibrated profile of the model if there is one, else 0.15.
     #[arg(long)]
     pub threshold: Option<f32>,
     /// First layer (1-based) after which pruning may happen. Default: the profile's, else 1.
