@@ -385,17 +385,17 @@ def make_xlmr(out_dir, texts, seed):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tok = train_unigram(texts, vocab_size=800)
+    tok = train_unigram(texts, vocab_size=500)
     save_hf_tokenizer(tok, out_dir, "xlmr")
     check_auto_tokenizer(out_dir, tok, PAIRS, pair=True)
 
     max_pos = 258  # 256 usable positions: ids start at pad_token_id + 1 = 2
     cfg = XLMRobertaConfig(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=48,
+        hidden_size=32,
         num_hidden_layers=3,
         num_attention_heads=4,
-        intermediate_size=96,
+        intermediate_size=64,
         hidden_act="gelu",
         max_position_embeddings=max_pos,
         type_vocab_size=1,
@@ -452,12 +452,12 @@ def make_qwen3(out_dir, texts, seed, layers, tied, shared, vocab_size=800):
 
     cfg = Qwen3Config(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=32,
+        intermediate_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=8,
         hidden_act="silu",
         max_position_embeddings=512,
         rms_norm_eps=1e-6,

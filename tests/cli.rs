@@ -330,3 +330,74 @@ fn memory_budget_bounds_the_measured_peak() {
     ]);
     fails_with(&o, "needs at least");
 }
+
+#[test]
+fn calibration_writes_a_profile_that_rerank_uses() {
+    let Some(m) = common::shared_model("minilm-l6-msmarco-layerwise")
+        .map(|p| p.to_str().unwrap().to_string())
+    else {
+        return;
+    };
+    let Some(shared) = common::shared_dir() else {
+        return;
+    };
+    let profiles = tmp("profiles");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_grating"))
+            .args(args)
+            .env("GRATING_PROFILE_DIR", &profiles)
+            .env("GRATING_LOG", "info")
+            .output()
+            .unwrap()
+    };
+    let data = shared.join("data/trec-dl19-subset");
+    let o = run(&[
+        "calibrate",
+        "--model",
+        &m,
+        "--queries",
+        data.to_str().unwrap(),
+        "--candidates",
+        "40",
+        "--limit",
+        "3",
+        "--thresholds",
+        "0.05,0.15,0.3,5",
+        "--target-agreement",
+        "0.9",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("chosen threshold"), "{out}");
+    let files: Vec<_> = std::fs::read_dir(&profiles).unwrap().collect();
+    assert_eq!(files.len(), 1, "one profile for the model");
+    let p: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(files[0].as_ref().unwrap().path()).unwrap())
+            .unwrap();
+    let t = p["threshold"].as_f64().unwrap();
+    assert!(
+        [0.05, 0.15, 0.3, 5.0].iter().any(|x| (x - t).abs() < 1e-6),
+        "{p}"
+    );
+    assert!(p["measured_agreement"].as_f64().unwrap() >= 0.9);
+    // A later run of the same model picks the profile up when --threshold is not given.
+    let docs = tmp("profile-docs").join("d.txt");
+    std::fs::write(&docs, "one passage\nanother passage\nthird passage\n").unwrap();
+    let o = run(&[
+        "rerank",
+        "--model",
+        &m,
+        "--query",
+        "passage",
+        "--docs",
+        docs.to_str().unwrap(),
+        "--top-k",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("using calibrated pruning profile"),
+        "{}",
+        stderr(&o)
+    );
+}

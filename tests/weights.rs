@@ -127,9 +127,10 @@ fn wrong_shape_is_named() {
 #[test]
 fn unsupported_dtype_is_named() {
     let mut tensors = load_tensors(&common::fixture("qwen3-tiny"));
+    let n = tensors["model.norm.weight"].dims()[0];
     tensors.insert(
         "model.norm.weight".into(),
-        Tensor::zeros(64, DType::I64, &Device::Cpu).unwrap(),
+        Tensor::zeros(n, DType::I64, &Device::Cpu).unwrap(),
     );
     let d = copy_with("qwen3-tiny", "dtype", &tensors);
     let e = load_err(&d);

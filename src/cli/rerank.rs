@@ -32,7 +32,8 @@ pub struct RerankArgs {
     /// Candidates per batch in full mode.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Tokens per chunk in grating mode (bounds activation memory).
+    /// Tokens per chunk in grating mode, and most tokens of a full-mode batch (bounds
+    /// activation memory in both).
     #[arg(long, default_value_t = grating::engine::monolithic::DEFAULT_CHUNK_TOKENS)]
     pub chunk_tokens: usize,
     /// Maximum tokens per (query, document) sequence (default: the model's).

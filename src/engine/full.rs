@@ -16,6 +16,28 @@ pub(crate) fn length_order(pairs: &[EncodedPair]) -> Vec<usize> {
     order
 }
 
+/// Consecutive runs of `order` with at most `max_count` candidates and (unless a single
+/// candidate is longer) at most `max_tokens` tokens, so a batch of long documents is split
+/// and activation memory stays bounded as in grating mode's chunks.
+pub(crate) fn plan_batches(pairs: &[EncodedPair], order: &[usize], max_count: usize, max_tokens: usize) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut tokens = 0;
+    for &m in order {
+        let len = pairs[m].len();
+        match out.last_mut() {
+            Some(cur) if cur.len() < max_count && tokens + len <= max_tokens => {
+                cur.push(m);
+                tokens += len;
+            }
+            _ => {
+                out.push(vec![m]);
+                tokens = len;
+            }
+        }
+    }
+    out
+}
+
 pub(crate) fn pack(pairs: &[EncodedPair], members: &[usize]) -> PackedBatch {
     PackedBatch::new(
         members
@@ -30,6 +52,7 @@ pub(crate) fn score_all(
     layers: &mut Layers<'_>,
     pairs: &[EncodedPair],
     batch_size: usize,
+    batch_tokens: usize,
     stats: &mut RequestStats,
     progress: Option<&dyn Progress>,
 ) -> Result<Vec<f32>> {
@@ -38,10 +61,11 @@ pub(crate) fn score_all(
     let num_layers = info.num_layers;
     let order = length_order(pairs);
     let mut scores = vec![f32::NAN; pairs.len()];
-    let batch_size = batch_size.max(1);
-    let total_batches = order.len().div_ceil(batch_size);
-    for (bi, members) in order.chunks(batch_size).enumerate() {
+    let batches = plan_batches(pairs, &order, batch_size.max(1), batch_tokens.max(1));
+    let total_batches = batches.len();
+    for (bi, members) in batches.iter().enumerate() {
         let batch = pack(pairs, members);
+        let members = members.as_slice();
         let t = Instant::now();
         let mut hidden = model.embed(&batch)?;
         // With streamed weights every batch reads every layer again, as offloading runtimes do.

@@ -173,7 +173,7 @@ pub struct RerankRequest {
     /// K; `None` scores and returns every document.
     pub top_k: Option<usize>,
     pub mode: Mode,
-    /// Candidates per batch in full mode.
+    /// Candidates per batch in full mode (batches are also cut at `chunk_tokens` tokens).
     pub batch_size: usize,
     /// Tokens per chunk in grating mode.
     pub chunk_tokens: usize,
@@ -496,6 +496,7 @@ impl Reranker {
                     &mut self.layers(),
                     &pairs,
                     req.batch_size,
+                    req.chunk_tokens,
                     &mut stats,
                     progress,
                 )?;
