@@ -19,7 +19,12 @@ pub(crate) fn length_order(pairs: &[EncodedPair]) -> Vec<usize> {
 /// Consecutive runs of `order` with at most `max_count` candidates and (unless a single
 /// candidate is longer) at most `max_tokens` tokens, so a batch of long documents is split
 /// and activation memory stays bounded as in grating mode's chunks.
-pub(crate) fn plan_batches(pairs: &[EncodedPair], order: &[usize], max_count: usize, max_tokens: usize) -> Vec<Vec<usize>> {
+pub(crate) fn plan_batches(
+    pairs: &[EncodedPair],
+    order: &[usize],
+    max_count: usize,
+    max_tokens: usize,
+) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut tokens = 0;
     for &m in order {

@@ -47,57 +47,56 @@ fn cpu_tensor(data: Vec<f32>, dims: (usize, usize)) -> CResult<Tensor> {
     Tensor::from_vec(data, dims, &Device::Cpu)
 }
 
-/// `x [rows, in] · w[out, in]^T + b` (a torch `nn.Linear`).
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
+/// The CPU fast path of a linear layer: the output rows as a plain vector, or `None` when
+/// an operand is not a contiguous f32 CPU tensor (the caller then uses candle's ops).
+fn linear_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> CResult<Option<(Vec<f32>, usize, usize)>> {
     let (rows, in_dim) = x.dims2()?;
     let (out_dim, w_in) = w.dims2()?;
     if in_dim != w_in {
         candle_core::bail!("linear: input width {in_dim} does not match weight {out_dim}x{w_in}");
     }
-    if let (Some(xv), Some(wv)) = (cpu_view(x), cpu_view(w)) {
-        let bv = match b {
-            Some(b) => match cpu_view(b) {
-                Some(v) => Some(v),
-                None => return linear_generic(x, w, Some(b)),
-            },
-            None => None,
-        };
-        let mut out = vec![0f32; rows * out_dim];
-        cpu::linear(
-            xv.slice(),
-            rows,
-            in_dim,
-            wv.slice(),
-            out_dim,
-            bv.as_ref().map(|v| v.slice()),
-            &mut out,
-        );
-        return cpu_tensor(out, (rows, out_dim));
+    let (Some(xv), Some(wv)) = (cpu_view(x), cpu_view(w)) else {
+        return Ok(None);
+    };
+    let bv = match b.map(cpu_view) {
+        Some(None) => return Ok(None),
+        Some(Some(v)) => Some(v),
+        None => None,
+    };
+    let mut out = vec![0f32; rows * out_dim];
+    cpu::linear(
+        xv.slice(),
+        rows,
+        in_dim,
+        wv.slice(),
+        out_dim,
+        bv.as_ref().map(|v| v.slice()),
+        &mut out,
+    );
+    Ok(Some((out, rows, out_dim)))
+}
+
+/// `x [rows, in] · w[out, in]^T + b` (a torch `nn.Linear`).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
+    match linear_cpu(x, w, b)? {
+        Some((out, rows, cols)) => cpu_tensor(out, (rows, cols)),
+        None => linear_generic(x, w, b),
     }
-    linear_generic(x, w, b)
 }
 
 /// `gelu(linear(x, w, b))`, fused on the CPU so the wide intermediate exists once.
 pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
-    let (rows, in_dim) = x.dims2()?;
-    let (out_dim, _) = w.dims2()?;
-    if let (Some(xv), Some(wv), Some(bv)) = (cpu_view(x), cpu_view(w), b.map(cpu_view)) {
-        if let Some(bv) = bv.as_ref() {
-            let mut out = vec![0f32; rows * out_dim];
-            cpu::linear(
-                xv.slice(),
-                rows,
-                in_dim,
-                wv.slice(),
-                out_dim,
-                Some(bv.slice()),
-                &mut out,
-            );
+    match linear_cpu(x, w, b)? {
+        Some((mut out, rows, cols)) => {
             cpu::gelu_erf(&mut out);
-            return cpu_tensor(out, (rows, out_dim));
+            cpu_tensor(out, (rows, cols))
         }
+        None => gelu(linear_generic(x, w, b)?),
     }
-    gelu(linear(x, w, b)?)
 }
 
 fn linear_generic(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
@@ -307,40 +306,23 @@ pub fn linear_qk_norm_rope(
     positions: &[u32],
     rope: &RopeTable,
 ) -> CResult<Tensor> {
-    let (rows, in_dim) = x.dims2()?;
-    let (out_dim, _) = w.dims2()?;
     let in_table = positions
         .iter()
         .all(|&p| (p as usize) < rope.max_positions());
-    if let (Some(xv), Some(wv), Some(qg), Some(kg), true, None) = (
-        cpu_view(x),
-        cpu_view(w),
-        cpu_view(q_gamma),
-        cpu_view(k_gamma),
-        in_table,
-        b,
-    ) {
-        if out_dim == shape.qkv_width() && positions.len() == rows {
-            let mut out = vec![0f32; rows * out_dim];
-            cpu::linear(
-                xv.slice(),
-                rows,
-                in_dim,
-                wv.slice(),
-                out_dim,
-                None,
-                &mut out,
-            );
-            cpu::qk_norm_rope(
-                &mut out,
-                shape,
-                Some(qg.slice()),
-                Some(kg.slice()),
-                eps as f32,
-                positions,
-                rope,
-            );
-            return cpu_tensor(out, (rows, out_dim));
+    if let (Some(qg), Some(kg), true) = (cpu_view(q_gamma), cpu_view(k_gamma), in_table) {
+        if let Some((mut out, rows, cols)) = linear_cpu(x, w, b)? {
+            if cols == shape.qkv_width() && positions.len() == rows {
+                cpu::qk_norm_rope(
+                    &mut out,
+                    shape,
+                    Some(qg.slice()),
+                    Some(kg.slice()),
+                    eps as f32,
+                    positions,
+                    rope,
+                );
+                return cpu_tensor(out, (rows, cols));
+            }
         }
     }
     qk_norm_rope(
