@@ -202,9 +202,9 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         args.sizes,
         args.top_n,
         if args.server.reload_layers {
-            "reloaded per step"
+            "reloaded per step".to_string()
         } else {
-            "resident"
+            format!("{:?}", reranker.weights_mode()).to_lowercase()
         },
         args.requests
     );
