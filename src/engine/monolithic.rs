@@ -6,7 +6,7 @@
 //! bounded by one chunk whatever N is. After a pruning decision the survivors are repacked into
 //! fresh chunks and the storage of pruned candidates is released.
 
-use super::full::{length_order, pack};
+use super::full::{length_order, pack, plan_batches};
 use super::offload::{Hidden, SpillFile};
 use super::stats::{LayerTiming, RequestStats};
 use super::{Layers, Progress, Scored};
@@ -38,22 +38,7 @@ pub(crate) fn plan_chunks(
     members: &[usize],
     budget: usize,
 ) -> Vec<Vec<usize>> {
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut tokens = 0;
-    for &m in members {
-        let len = pairs[m].len();
-        match out.last_mut() {
-            Some(cur) if tokens + len <= budget => {
-                cur.push(m);
-                tokens += len;
-            }
-            _ => {
-                out.push(vec![m]);
-                tokens = len;
-            }
-        }
-    }
-    out
+    plan_batches(pairs, members, usize::MAX, budget)
 }
 
 /// Gathers the rows of the live members of `chunks` into new chunks under `budget`, dropping
