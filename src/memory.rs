@@ -17,9 +17,3 @@ pub fn peak_rss_mib() -> Option<f64> {
 pub fn rss_mib() -> Option<f64> {
     status_kib("VmRSS:").map(|k| k / 1024.0)
 }
-
-/// Resets the kernel's VmHWM to the current RSS so a benchmark phase can measure its own peak.
-/// Returns false where the kernel does not allow it.
-pub fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}

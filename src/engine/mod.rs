@@ -357,13 +357,6 @@ impl Reranker {
         self.weights
     }
 
-    /// Bytes of the largest layer on disk (what one streaming buffer holds).
-    pub fn max_layer_bytes(&self) -> Option<usize> {
-        self.streaming
-            .as_ref()
-            .map(|s| s.plans.iter().map(|p| p.bytes).max().unwrap_or(0))
-    }
-
     /// Chunk size and offload for a grating-mode request: the request's own unless a memory
     /// budget is set, in which case the largest that fit (see [`budget`]).
     fn plan_memory(

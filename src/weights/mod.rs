@@ -282,15 +282,6 @@ impl WeightIndex {
         }
         Ok(())
     }
-
-    /// Bytes on disk of the tensors whose names start with `prefix`.
-    pub fn bytes_with_prefix(&self, prefix: &str) -> u64 {
-        self.entries
-            .iter()
-            .filter(|(n, _)| n.starts_with(prefix))
-            .map(|(_, e)| e.end - e.start)
-            .sum()
-    }
 }
 
 /// Gives the model files their tensors by name, checked for shape, in the compute dtype on the
