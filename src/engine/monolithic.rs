@@ -18,10 +18,17 @@ use crate::tokenize::EncodedPair;
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
 
-/// Tokens per chunk unless the request says otherwise. The linear layers are GEMMs with this
-/// many rows; OpenBLAS ran MiniLM's shapes at 160-188 GFLOP/s with 4096 rows on the 2-core
-/// machine. With that many rows one chunk's activations stay in tens of MiB (MiniLM) to a
-/// few hundred MiB (Qwen3-0.6B). It is not yet swept against other sizes on an idle machine.
+/// Tokens per chunk unless the request says otherwise. Sweep on the idle 2-core machine
+/// (layerwise MiniLM, 100 BM25 candidates = 9667 tokens, `--prune off`, two runs each). Chunk
+/// tokens: GFLOP/s, peak MiB.
+/// - 1024: 105-124, 148
+/// - 2048: 117-124, 168
+/// - 4096: 115-128, 192
+/// - 8192: 107, 247
+/// - 16384: 101-111, 254
+///
+/// 2048-4096 keep the GEMMs fastest; 4096 is the default, and 2048 saves about 24 MiB at
+/// the same speed.
 pub const DEFAULT_CHUNK_TOKENS: usize = 4096;
 
 /// Live candidates of one chunk and their hidden states `[tokens, hidden]`.
