@@ -7,7 +7,7 @@
 //! `grating` (this binary's modes) and `st` (sentence-transformers' CrossEncoder.predict in
 //! PyTorch, through scripts/st_baseline.py in .venv-bench).
 
-use super::common::{ModelArgs, PruneArgs};
+use super::common::{BatchArgs, ModelArgs, PruneArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use grating::engine::{Mode, RerankRequest, Reranker};
@@ -53,10 +53,8 @@ pub struct BenchArgs {
     pub schedule: Option<String>,
     #[command(flatten)]
     pub prune: PruneArgs,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = grating::engine::monolithic::DEFAULT_CHUNK_TOKENS)]
-    pub chunk_tokens: usize,
+    #[command(flatten)]
+    pub batch: BatchArgs,
     /// Python interpreter with torch and sentence-transformers, for the `st` contender.
     #[arg(long, default_value = ".venv-bench/bin/python")]
     pub python: PathBuf,
@@ -110,10 +108,8 @@ pub struct WorkerArgs {
     pub prune: PruneArgs,
     #[arg(long)]
     pub schedule: Option<String>,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = grating::engine::monolithic::DEFAULT_CHUNK_TOKENS)]
-    pub chunk_tokens: usize,
+    #[command(flatten)]
+    pub batch: BatchArgs,
 }
 
 fn weights_arg(w: grating::engine::WeightsMode) -> &'static str {
@@ -164,8 +160,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         let mut req = RerankRequest::new(item.query.clone(), item.docs.clone());
         req.top_k = Some(item.top_k);
         req.mode = args.mode;
-        req.batch_size = args.batch_size;
-        req.chunk_tokens = args.chunk_tokens;
+        args.batch.apply(&mut req)?;
         req.prune = prune.clone();
         let t = std::time::Instant::now();
         let res = reranker.rerank(&req, None)?;
@@ -348,8 +343,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 if let Some(m) = args.model.max_memory {
                     c.args(["--max-memory", &m.to_string()]);
                 }
-                c.args(["--batch-size", &args.batch_size.to_string()])
-                    .args(["--chunk-tokens", &args.chunk_tokens.to_string()])
+                c.args(["--batch-size", &args.batch.batch_size.to_string()])
+                    .args(["--chunk-tokens", &args.batch.chunk_tokens.to_string()])
                     .args(["--prune", &args.prune.prune]);
                 if args.prune.exact_order {
                     c.arg("--exact-order");
@@ -382,7 +377,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         "--threads",
                         &threads.to_string(),
                     ])
-                    .args(["--batch-size", &args.batch_size.to_string(), "--serve"]);
+                    .args([
+                        "--batch-size",
+                        &args.batch.batch_size.to_string(),
+                        "--serve",
+                    ]);
                 c
             }
             other => bail!(

@@ -130,3 +130,27 @@ impl PruneArgs {
         Ok(cfg)
     }
 }
+
+/// How candidates are grouped for compute.
+#[derive(Args, Debug, Clone)]
+pub struct BatchArgs {
+    /// Candidates per batch in full mode.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Tokens per chunk in grating mode, and most tokens of a full-mode batch (bounds
+    /// activation memory in both).
+    #[arg(long, default_value_t = grating::engine::monolithic::DEFAULT_CHUNK_TOKENS)]
+    pub chunk_tokens: usize,
+}
+
+impl BatchArgs {
+    /// Sets the request's batch size and chunk tokens, refusing zeros.
+    pub fn apply(&self, req: &mut grating::RerankRequest) -> Result<()> {
+        if self.chunk_tokens == 0 || self.batch_size == 0 {
+            bail!("--chunk-tokens and --batch-size must be positive");
+        }
+        req.batch_size = self.batch_size;
+        req.chunk_tokens = self.chunk_tokens;
+        Ok(())
+    }
+}

@@ -1,6 +1,6 @@
 //! `grating rerank`: top K of a documents file for one query.
 
-use super::common::{ModelArgs, PruneArgs};
+use super::common::{BatchArgs, ModelArgs, PruneArgs};
 use super::docs::read_documents;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -29,13 +29,8 @@ pub struct RerankArgs {
     pub mode: Mode,
     #[command(flatten)]
     pub prune: PruneArgs,
-    /// Candidates per batch in full mode.
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    /// Tokens per chunk in grating mode, and most tokens of a full-mode batch (bounds
-    /// activation memory in both).
-    #[arg(long, default_value_t = grating::engine::monolithic::DEFAULT_CHUNK_TOKENS)]
-    pub chunk_tokens: usize,
+    #[command(flatten)]
+    pub batch: BatchArgs,
     /// Maximum tokens per (query, document) sequence (default: the model's).
     #[arg(long)]
     pub max_length: Option<usize>,
@@ -94,11 +89,7 @@ pub fn run(args: RerankArgs) -> Result<()> {
     );
     req.top_k = args.top_k;
     req.mode = args.mode;
-    req.batch_size = args.batch_size;
-    if args.chunk_tokens == 0 || args.batch_size == 0 {
-        bail!("--chunk-tokens and --batch-size must be positive");
-    }
-    req.chunk_tokens = args.chunk_tokens;
+    args.batch.apply(&mut req)?;
     req.max_length = args.max_length;
     req.truncation = if args.truncation_direction == "left" {
         Truncation::Left
