@@ -17,3 +17,94 @@ pub fn peak_rss_mib() -> Option<f64> {
 pub fn rss_mib() -> Option<f64> {
     status_kib("VmRSS:").map(|k| k / 1024.0)
 }
+
+/// GPU memory as the allocator sees it. candle allocates through the device's default
+/// stream-ordered memory pool, whose counters give an exact high-water mark (the analogue of
+/// PyTorch's `max_memory_allocated`), unlike sampling `cuMemGetInfo` between kernels.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct GpuMemory {
+    /// Peak bytes in use by allocations since the last reset.
+    pub peak_used: u64,
+    /// Peak bytes the pool held from the driver since the last reset.
+    pub peak_reserved: u64,
+    /// Bytes in use on the whole device now (`cuMemGetInfo`), context and libraries included.
+    pub device_used: u64,
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::GpuMemory;
+    use candle_core::cuda::cudarc::driver::sys;
+    use candle_core::Device;
+
+    fn pool(device: &Device) -> Option<(sys::CUmemoryPool, usize)> {
+        let Device::Cuda(dev) = device else {
+            return None;
+        };
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread().ok()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let rc = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+        if rc != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+        let (free, total) = ctx.mem_get_info().ok()?;
+        Some((pool, total - free))
+    }
+
+    fn attr(pool: sys::CUmemoryPool, a: sys::CUmemPool_attribute) -> Option<u64> {
+        let mut v: u64 = 0;
+        let rc = unsafe { sys::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut _) };
+        (rc == sys::CUresult::CUDA_SUCCESS).then_some(v)
+    }
+
+    pub fn read(device: &Device) -> Option<GpuMemory> {
+        let (pool, device_used) = pool(device)?;
+        Some(GpuMemory {
+            peak_used: attr(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            )?,
+            peak_reserved: attr(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            )?,
+            device_used: device_used as u64,
+        })
+    }
+
+    pub fn reset(device: &Device) {
+        if let Some((pool, _)) = pool(device) {
+            // The high-water marks can only be reset to zero (they restart from current use).
+            for a in [
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            ] {
+                let mut zero: u64 = 0;
+                unsafe { sys::cuMemPoolSetAttribute(pool, a, &mut zero as *mut u64 as *mut _) };
+            }
+        }
+    }
+}
+
+/// The GPU allocator's counters for `device`; `None` on the CPU or without the `cuda` feature.
+pub fn gpu_memory(device: &candle_core::Device) -> Option<GpuMemory> {
+    #[cfg(feature = "cuda")]
+    {
+        gpu::read(device)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
+/// Restarts the GPU high-water marks (per request or per benchmark run).
+pub fn reset_gpu_peak(device: &candle_core::Device) {
+    #[cfg(feature = "cuda")]
+    gpu::reset(device);
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+}

@@ -4,7 +4,7 @@
 
 mod common;
 
-use grating::engine::{EngineOptions, Mode, RerankRequest, Reranker};
+use grating::engine::{Mode, RerankRequest, Reranker};
 use grating::eval::dl19::Dl19;
 use grating::prune::{PruneConfig, PruneMode};
 
@@ -30,7 +30,7 @@ fn dl19_requests(n_queries: usize, n_docs: usize) -> Option<Vec<RerankRequest>> 
 
 fn load(name: &str) -> Option<Reranker> {
     let dir = common::shared_model(name)?;
-    Some(Reranker::load(dir.to_str().unwrap(), &EngineOptions::default()).unwrap())
+    Some(Reranker::load(dir.to_str().unwrap(), &common::engine_options()).unwrap())
 }
 
 fn run(
@@ -72,7 +72,7 @@ fn prune_off_equals_full_mode_and_exact_order_keeps_full_top_k() {
             }
             for &(i, s) in &mono {
                 assert!(
-                    (by_index[i] - s).abs() < 1e-5,
+                    (by_index[i] - s).abs() < common::batch_tolerance(),
                     "{model}: doc {i}: full {} vs monolithic {s}",
                     by_index[i]
                 );
@@ -85,7 +85,7 @@ fn prune_off_equals_full_mode_and_exact_order_keeps_full_top_k() {
                     e.0, f.0,
                     "{model}: exact-order top-{k} order differs from full"
                 );
-                assert!((e.1 - f.1).abs() < 1e-5);
+                assert!((e.1 - f.1).abs() < common::batch_tolerance());
             }
         }
     }
@@ -121,7 +121,7 @@ fn scores_do_not_depend_on_batch_mates() {
         let together = scores(batch, 4096, &req.documents);
         for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
             assert!(
-                (a - b).abs() < 1e-5,
+                (a - b).abs() < common::batch_tolerance(),
                 "doc {i}: alone {a}, in batches of {batch}: {b}"
             );
         }
@@ -129,7 +129,7 @@ fn scores_do_not_depend_on_batch_mates() {
     // A different companion set: the first document with the last five.
     let mut mix = vec![req.documents[0].clone()];
     mix.extend(req.documents[25..].iter().cloned());
-    assert!((scores(32, 4096, &mix)[0] - alone[0]).abs() < 1e-5);
+    assert!((scores(32, 4096, &mix)[0] - alone[0]).abs() < common::batch_tolerance());
 }
 
 #[test]

@@ -13,6 +13,9 @@ pub struct ModelArgs {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Compute dtype: f32, f16 or bf16 (default: f32 on the CPU, bf16 on a GPU).
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<candle_core::DType>,
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -40,12 +43,21 @@ impl ModelArgs {
         grating::ops::set_threads(threads);
         Ok(grating::EngineOptions {
             device: parse_device(&self.device)?,
-            dtype: None,
+            dtype: self.dtype,
             weights: self.weights,
             embedding_cache_share: self.embedding_cache,
             max_memory: self.max_memory,
         })
     }
+}
+
+pub fn parse_dtype(s: &str) -> Result<candle_core::DType> {
+    Ok(match s {
+        "f32" => candle_core::DType::F32,
+        "f16" => candle_core::DType::F16,
+        "bf16" => candle_core::DType::BF16,
+        _ => bail!("invalid dtype {s:?} (f32, f16 or bf16)"),
+    })
 }
 
 pub fn parse_device(s: &str) -> Result<candle_core::Device> {

@@ -56,6 +56,14 @@ pub struct RerankArgs {
     /// retrieval pipeline would, before reranking (indices still refer to the file).
     #[arg(long)]
     pub bm25_prefilter: Option<usize>,
+    /// Forced pruning schedule for random-weight models, e.g. "10:0.3,16:0.1" (after layer 10
+    /// keep 30% of the candidates, after 16 keep 10%).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Run the request this many times on the loaded model (the first run includes warm-up:
+    /// GPU kernel loading, allocator growth); with --json every run's stats are in "runs".
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
 }
 
 struct Bar(ProgressBar);
@@ -99,6 +107,12 @@ pub fn run(args: RerankArgs) -> Result<()> {
     req.instruction = args.instruction.clone();
     req.offload = args.offload;
     req.prune = args.prune.config(reranker.files())?;
+    if let Some(s) = &args.schedule {
+        req.prune.schedule = super::bench::parse_schedule(s)?;
+    }
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
 
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
     if !std::io::stderr().is_terminal() {
@@ -113,7 +127,12 @@ pub fn run(args: RerankArgs) -> Result<()> {
         Mode::Full => "batches",
         Mode::Grating => "layers",
     });
+    let mut runs = Vec::with_capacity(args.repeats);
+    for _ in 1..args.repeats {
+        runs.push(reranker.rerank(&req, None)?.stats);
+    }
     let out = reranker.rerank(&req, Some(&Bar(bar.clone())))?;
+    runs.push(out.stats.clone());
     bar.finish_and_clear();
 
     let score = |l: f32| if args.raw_scores { l } else { sigmoid(l) };
@@ -132,7 +151,10 @@ pub fn run(args: RerankArgs) -> Result<()> {
                 })
             })
             .collect();
-        let v = serde_json::json!({"results": results, "stats": out.stats});
+        let mut v = serde_json::json!({"results": results, "stats": out.stats});
+        if args.repeats > 1 {
+            v["runs"] = serde_json::to_value(&runs)?;
+        }
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
@@ -173,6 +195,14 @@ pub fn print_stats(s: &grating::engine::RequestStats) {
         "tokenize {:.3}s, compute {:.3}s, total {:.3}s, {:.1} GFLOP/s, peak RSS {:.0} MiB",
         s.tokenize_seconds, s.compute_seconds, s.total_seconds, s.gflops_per_second, s.peak_rss_mib
     );
+    if let Some(g) = &s.gpu_memory {
+        eprintln!(
+            "GPU memory: peak allocated {:.0} MiB, peak reserved {:.0} MiB, device in use {:.0} MiB",
+            g.peak_used as f64 / 1048576.0,
+            g.peak_reserved as f64 / 1048576.0,
+            g.device_used as f64 / 1048576.0
+        );
+    }
     for e in &s.prune_events {
         eprintln!(
             "  prune after layer {}: {} live, dispersion {:.4}, {} clusters -> {} accepted, {} dropped",

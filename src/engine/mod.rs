@@ -241,6 +241,7 @@ pub struct Reranker {
     weights: WeightsMode,
     max_memory: Option<u64>,
     dtype: DType,
+    device: Device,
 }
 
 impl Reranker {
@@ -254,7 +255,8 @@ impl Reranker {
         let dtype = opts.dtype.unwrap_or(if opts.device.is_cpu() {
             DType::F32
         } else {
-            DType::F16
+            // Half precision with f32 softmax and norms, as the published models run on GPUs.
+            DType::BF16
         });
         let weights = match (opts.weights, opts.max_memory) {
             (WeightsMode::Auto, None) => WeightsMode::Resident,
@@ -330,6 +332,7 @@ impl Reranker {
             weights,
             max_memory: opts.max_memory,
             dtype,
+            device: opts.device.clone(),
         })
     }
 
@@ -351,6 +354,14 @@ impl Reranker {
 
     pub fn encoder(&self) -> &PairEncoder {
         &self.encoder
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn weights_mode(&self) -> WeightsMode {
@@ -526,6 +537,7 @@ impl Reranker {
         }
         stats.total_seconds = start.elapsed().as_secs_f64();
         stats.finish_counts();
+        stats.gpu_memory = crate::memory::gpu_memory(&self.device);
         Ok(RerankOutput { ranked, stats })
     }
 

@@ -53,6 +53,9 @@ pub struct RequestStats {
     pub peak_rss_mib: f64,
     /// The memory budget's prediction of this request's peak, MiB (0 without a budget).
     pub predicted_peak_mib: f64,
+    /// The GPU allocator's counters over this request (CUDA only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_memory: Option<crate::memory::GpuMemory>,
 }
 
 impl RequestStats {

@@ -5,6 +5,7 @@
 //! here: GEMMs through BLAS (or the `gemm` crate), element-wise work vectorised (AVX2+FMA
 //! chosen at run time) and split over the rayon pool.
 
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 /// Rows handed to one rayon task in element-wise kernels: enough work to amortise scheduling.
@@ -454,11 +455,13 @@ pub fn attention(qkv: &[f32], seqs: &[(usize, usize)], shape: AttentionShape, ou
 }
 
 /// Rotary embedding tables: `cos[pos * half + i]`, `sin[...]` for `i < head_dim / 2`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct RopeTable {
     pub half: usize,
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
+    /// `[max_pos, half]` copies of the tables on the last non-CPU device asked for.
+    on_device: std::sync::Mutex<Option<(candle_core::DeviceLocation, Tensor, Tensor)>>,
 }
 
 impl RopeTable {
@@ -477,7 +480,27 @@ impl RopeTable {
                 sin.push(a.sin());
             }
         }
-        RopeTable { half, cos, sin }
+        RopeTable {
+            half,
+            cos,
+            sin,
+            on_device: Default::default(),
+        }
+    }
+
+    /// The cos and sin tables as `[max_positions, half]` f32 tensors on `device`, uploaded once.
+    pub fn on_device(&self, device: &candle_core::Device) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut slot = self.on_device.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((loc, c, s)) = slot.as_ref() {
+            if *loc == device.location() {
+                return Ok((c.clone(), s.clone()));
+            }
+        }
+        let shape = (self.max_positions(), self.half);
+        let c = Tensor::from_slice(&self.cos, shape, device)?;
+        let s = Tensor::from_slice(&self.sin, shape, device)?;
+        *slot = Some((device.location(), c.clone(), s.clone()));
+        Ok((c, s))
     }
 
     pub fn max_positions(&self) -> usize {

@@ -249,47 +249,116 @@ pub fn attention(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> CRe
     attention_generic(qkv, layout, shape)
 }
 
+/// Padded tokens a length bucket may add, as a share of its real tokens.
+const BUCKET_PAD_SHARE: f64 = 0.125;
+
+/// Splits packed sequences (in row order) into contiguous runs whose lengths are close enough
+/// that padding each run to its longest member wastes at most [`BUCKET_PAD_SHARE`]. Candidates
+/// arrive sorted by length, so runs are long and padding is near zero.
+pub fn length_buckets(spans: &[(usize, usize)]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut begin = 0;
+    let (mut real, mut longest) = (0usize, 0usize);
+    for (i, &(_, len)) in spans.iter().enumerate() {
+        let n = i - begin + 1;
+        let l = longest.max(len);
+        if i > begin && (n * l) as f64 > (real + len) as f64 * (1.0 + BUCKET_PAD_SHARE) {
+            out.push(begin..i);
+            begin = i;
+            real = len;
+            longest = len;
+        } else {
+            real += len;
+            longest = l;
+        }
+    }
+    if begin < spans.len() {
+        out.push(begin..spans.len());
+    }
+    out
+}
+
+/// Attention for devices without the packed CPU kernel (CUDA, half precision): sequences are
+/// grouped into length buckets, each bucket is padded to its longest member (a few percent,
+/// see [`length_buckets`]) and runs as one batched GEMM pair with a masked f32 softmax, and
+/// only the real rows are gathered back, in packed order.
 fn attention_generic(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> CResult<Tensor> {
     let dh = shape.head_dim;
     let (h, hkv) = (shape.n_heads, shape.n_kv_heads);
+    let width = shape.qkv_width();
+    let dev = qkv.device();
     let scale = 1.0 / (dh as f64).sqrt();
-    let mut outs = Vec::with_capacity(layout.spans.len());
-    for &(start, len) in &layout.spans {
-        let s = qkv.narrow(0, start, len)?;
+    let mut outs = Vec::new();
+    for bucket in length_buckets(&layout.spans) {
+        let spans = &layout.spans[bucket];
+        let b = spans.len();
+        let lmax = spans.iter().map(|s| s.1).max().unwrap_or(0);
+        // Padding rows repeat the sequence's last row; they are masked as keys and dropped
+        // as queries.
+        let gather: Vec<u32> = spans
+            .iter()
+            .flat_map(|&(start, len)| (0..lmax).map(move |p| (start + p.min(len - 1)) as u32))
+            .collect();
+        let keep: Vec<u32> = spans
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &(_, len))| (0..len).map(move |p| (s * lmax + p) as u32))
+            .collect();
+        let x = qkv
+            .index_select(&Tensor::from_vec(gather, b * lmax, dev)?, 0)?
+            .reshape((b, lmax, width))?;
         let heads = |off: usize, n: usize| -> CResult<Tensor> {
-            s.narrow(1, off * dh, n * dh)?
-                .reshape((len, n, dh))?
-                .transpose(0, 1)?
+            x.narrow(2, off * dh, n * dh)?
+                .reshape((b, lmax, n, dh))?
+                .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(0, h)?;
+        let q = (heads(0, h)? * scale)?;
         let mut k = heads(h, hkv)?;
         let mut v = heads(h + hkv, hkv)?;
         if h != hkv {
-            let rep = h / hkv;
-            k = repeat_kv(&k, rep)?;
-            v = repeat_kv(&v, rep)?;
+            k = repeat_kv4(&k, h / hkv)?;
+            v = repeat_kv4(&v, h / hkv)?;
         }
-        let mut att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let mut att = q.matmul(&k.transpose(2, 3)?)?.to_dtype(DType::F32)?;
+        let uneven = spans.iter().any(|s| s.1 != lmax);
         if shape.causal {
-            let mask: Vec<f32> = (0..len)
-                .flat_map(|i| (0..len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            // Right padding: a real query never reaches a padded key under a causal mask.
+            let mask: Vec<f32> = (0..lmax)
+                .flat_map(|i| (0..lmax).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
                 .collect();
-            let mask = Tensor::from_vec(mask, (len, len), qkv.device())?.to_dtype(att.dtype())?;
-            att = att.broadcast_add(&mask)?;
+            att = att.broadcast_add(&Tensor::from_vec(mask, (lmax, lmax), dev)?)?;
+        } else if uneven {
+            let mask: Vec<f32> = spans
+                .iter()
+                .flat_map(|&(_, len)| {
+                    (0..lmax).map(move |j| if j < len { 0.0 } else { f32::NEG_INFINITY })
+                })
+                .collect();
+            att = att.broadcast_add(&Tensor::from_vec(mask, (b, 1, 1, lmax), dev)?)?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let o = att.matmul(&v)?.transpose(0, 1)?.reshape((len, h * dh))?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(qkv.dtype())?;
+        let o = att
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b * lmax, h * dh))?;
+        let o = if uneven {
+            let n = keep.len();
+            o.index_select(&Tensor::from_vec(keep, n, dev)?, 0)?
+        } else {
+            o
+        };
         outs.push(o);
     }
     Tensor::cat(&outs, 0)
 }
 
-fn repeat_kv(x: &Tensor, rep: usize) -> CResult<Tensor> {
-    let (n, len, dh) = x.dims3()?;
-    x.unsqueeze(1)?
-        .expand((n, rep, len, dh))?
-        .reshape((n * rep, len, dh))
+/// `[b, hkv, l, dh]` -> `[b, hkv * rep, l, dh]`, each kv head serving `rep` query heads.
+fn repeat_kv4(x: &Tensor, rep: usize) -> CResult<Tensor> {
+    let (b, n, len, dh) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, n, rep, len, dh))?
+        .reshape((b, n * rep, len, dh))
 }
 
 /// The fused QKV projection followed by Qwen3's q/k norm and rotary embedding, done in place
@@ -389,19 +458,17 @@ fn qk_norm_rope_generic(
     let dh = shape.head_dim;
     let half = dh / 2;
     let dev = qkv.device();
-    let gather = |table: &Vec<f32>| -> CResult<Tensor> {
-        let data: Vec<f32> = positions
-            .iter()
-            .flat_map(|p| {
-                table[*p as usize * half..(*p as usize + 1) * half]
-                    .iter()
-                    .copied()
-            })
-            .collect();
-        Tensor::from_vec(data, (rows, 1, half), dev)?.to_dtype(qkv.dtype())
-    };
-    let cos = gather(&rope.cos)?;
-    let sin = gather(&rope.sin)?;
+    // The tables live on the device once; a layer uploads only the positions.
+    let (cos_table, sin_table) = rope.on_device(dev)?;
+    let pos = Tensor::from_slice(positions, rows, dev)?;
+    let cos = cos_table
+        .index_select(&pos, 0)?
+        .reshape((rows, 1, half))?
+        .to_dtype(qkv.dtype())?;
+    let sin = sin_table
+        .index_select(&pos, 0)?
+        .reshape((rows, 1, half))?
+        .to_dtype(qkv.dtype())?;
     let part = |off: usize, n: usize, gamma: Option<&Tensor>| -> CResult<Tensor> {
         let mut x = qkv.narrow(1, off * dh, n * dh)?.reshape((rows, n, dh))?;
         if let Some(g) = gamma {
@@ -495,20 +562,56 @@ mod tests {
     }
 
     #[test]
+    fn length_buckets_bound_padding_and_keep_order() {
+        let spans: Vec<(usize, usize)> = [40, 39, 38, 30, 29, 5, 5, 4, 100]
+            .iter()
+            .scan(0, |row, &l| {
+                let s = (*row, l);
+                *row += l;
+                Some(s)
+            })
+            .collect();
+        let buckets = length_buckets(&spans);
+        // Contiguous, in order, covering every span once.
+        assert_eq!(buckets.first().unwrap().start, 0);
+        assert_eq!(buckets.last().unwrap().end, spans.len());
+        for w in buckets.windows(2) {
+            assert_eq!(w[0].end, w[1].start);
+        }
+        for b in &buckets {
+            let real: usize = spans[b.clone()].iter().map(|s| s.1).sum();
+            let longest = spans[b.clone()].iter().map(|s| s.1).max().unwrap();
+            assert!((b.len() * longest) as f64 <= real as f64 * (1.0 + BUCKET_PAD_SHARE) + 1e-9);
+        }
+        assert_eq!(buckets.len(), 4, "{buckets:?}");
+        assert!(length_buckets(&[]).is_empty());
+    }
+
+    #[test]
     fn attention_and_rope_fast_paths_match_generic() {
+        for causal in [true, false] {
+            let shape = AttentionShape {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 8,
+                causal,
+            };
+            // Several length buckets, uneven lengths inside some of them.
+            let layout = SeqLayout {
+                spans: vec![(0, 3), (3, 7), (10, 1), (11, 7), (18, 6), (24, 6), (30, 2)],
+            };
+            let qkv = rand_tensor(&[32, shape.qkv_width()], 9);
+            let a = attention(&qkv, &layout, shape).unwrap();
+            let b = attention_generic(&qkv, &layout, shape).unwrap();
+            assert!(max_diff(&a, &b) < 1e-5, "causal {causal}");
+        }
         let shape = AttentionShape {
             n_heads: 4,
             n_kv_heads: 2,
             head_dim: 8,
             causal: true,
         };
-        let layout = SeqLayout {
-            spans: vec![(0, 3), (3, 7), (10, 1)],
-        };
         let qkv = rand_tensor(&[11, shape.qkv_width()], 9);
-        let a = attention(&qkv, &layout, shape).unwrap();
-        let b = attention_generic(&qkv, &layout, shape).unwrap();
-        assert!(max_diff(&a, &b) < 1e-5);
         let rope = RopeTable::new(8, 10000.0, 16);
         let positions: Vec<u32> = [0u32, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0].to_vec();
         let qg = rand_tensor(&[8], 10);

@@ -4,6 +4,8 @@
 //! The index keeps each tensor's absolute byte range, so the same index serves the resident
 //! store (memory map, read once at load) and the streaming store (positioned reads per layer).
 
+#[cfg(feature = "cuda")]
+pub mod gpu_stage;
 pub mod pread;
 pub mod stream;
 

@@ -44,9 +44,50 @@ pub fn layer_plans(index: &WeightIndex, model: &dyn RerankModel) -> Result<Vec<L
         .collect()
 }
 
+/// A reusable buffer a layer's bytes are read into.
+enum Staging {
+    Host(Vec<u8>),
+    #[cfg(feature = "cuda")]
+    Gpu(Box<super::gpu_stage::GpuStaging>),
+}
+
 struct Loaded {
     layer: usize,
-    buf: Vec<u8>,
+    buf: Staging,
+}
+
+/// Reads `plan`'s tensors, in file order, into `buf`.
+fn read_plan(files: &PreadFiles, plan: &LayerPlan, buf: &mut [u8]) -> Result<()> {
+    let mut off = 0;
+    for (name, e) in &plan.tensors {
+        let len = e.byte_len();
+        files.read_entry(name, e, &mut buf[off..off + len])?;
+        off += len;
+    }
+    Ok(())
+}
+
+/// Fills one staging buffer with `plan` (and, on a GPU, queues its upload).
+fn fill(
+    files: &PreadFiles,
+    plan: &LayerPlan,
+    buf: &mut Staging,
+    #[cfg(feature = "cuda")] link: Option<&super::gpu_stage::GpuLink>,
+) -> Result<()> {
+    match buf {
+        Staging::Host(v) => {
+            v.resize(plan.bytes, 0);
+            read_plan(files, plan, v)
+        }
+        #[cfg(feature = "cuda")]
+        Staging::Gpu(g) => {
+            read_plan(files, plan, g.host_mut(plan.bytes)?)?;
+            let link = link.ok_or_else(|| {
+                GratingError::Internal("GPU staging buffer without a GPU link".into())
+            })?;
+            g.upload(link)
+        }
+    }
 }
 
 /// Serves one layer's tensors out of its read buffer.
@@ -93,10 +134,12 @@ impl TensorSource for BufferSource<'_> {
 pub struct LayerStream {
     plans: Arc<Vec<LayerPlan>>,
     ready: Receiver<Result<Loaded>>,
-    free: Sender<Vec<u8>>,
+    free: Sender<Staging>,
     io: Option<JoinHandle<()>>,
     dtype: DType,
     device: Device,
+    #[cfg(feature = "cuda")]
+    link: Option<super::gpu_stage::GpuLink>,
 }
 
 impl LayerStream {
@@ -109,29 +152,46 @@ impl LayerStream {
         device: Device,
     ) -> LayerStream {
         let (ready_tx, ready) = channel::<Result<Loaded>>();
-        let (free, free_rx) = channel::<Vec<u8>>();
+        let (free, free_rx) = channel::<Staging>();
         let max = plans.iter().map(|p| p.bytes).max().unwrap_or(0);
+        #[cfg(feature = "cuda")]
+        let link = match super::gpu_stage::GpuLink::for_device(&device) {
+            Ok(link) => link,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                None
+            }
+        };
         for _ in 0..2 {
-            let _ = free.send(Vec::with_capacity(max));
+            #[cfg(feature = "cuda")]
+            if let Some(link) = &link {
+                match link.staging(max) {
+                    Ok(g) => {
+                        let _ = free.send(Staging::Gpu(Box::new(g)));
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+                continue;
+            }
+            let _ = free.send(Staging::Host(Vec::with_capacity(max)));
         }
         let io_plans = plans.clone();
+        #[cfg(feature = "cuda")]
+        let io_link = link.clone();
         let io = std::thread::Builder::new()
             .name("grating-layer-io".into())
             .spawn(move || {
                 for layer in order {
                     let Ok(mut buf) = free_rx.recv() else { return };
-                    let plan = &io_plans[layer];
-                    buf.resize(plan.bytes, 0);
-                    let mut off = 0;
-                    let mut result = Ok(());
-                    for (name, e) in &plan.tensors {
-                        let len = e.byte_len();
-                        if let Err(err) = files.read_entry(name, e, &mut buf[off..off + len]) {
-                            result = Err(err);
-                            break;
-                        }
-                        off += len;
-                    }
+                    let result = fill(
+                        &files,
+                        &io_plans[layer],
+                        &mut buf,
+                        #[cfg(feature = "cuda")]
+                        io_link.as_ref(),
+                    );
                     let failed = result.is_err();
                     let msg = result.map(|_| Loaded { layer, buf });
                     if ready_tx.send(msg).is_err() || failed {
@@ -147,6 +207,8 @@ impl LayerStream {
             io: Some(io),
             dtype,
             device,
+            #[cfg(feature = "cuda")]
+            link,
         }
     }
 
@@ -174,15 +236,36 @@ impl LayerStream {
                 loaded.layer
             )));
         }
-        let src = BufferSource {
-            plan: &self.plans[layer],
-            buf: &loaded.buf,
-            dtype: self.dtype,
-            device: &self.device,
+        let mut buf = loaded.buf;
+        let block = match &mut buf {
+            Staging::Host(bytes) => {
+                let src = BufferSource {
+                    plan: &self.plans[layer],
+                    buf: bytes,
+                    dtype: self.dtype,
+                    device: &self.device,
+                };
+                model.load_layer(layer, &src)?
+            }
+            #[cfg(feature = "cuda")]
+            Staging::Gpu(g) => {
+                let link = self.link.as_ref().ok_or_else(|| {
+                    GratingError::Internal("GPU staging buffer without a GPU link".into())
+                })?;
+                g.await_upload(link)?;
+                let src = super::gpu_stage::StagedSource {
+                    link,
+                    staging: g,
+                    tensors: &self.plans[layer].tensors,
+                    dtype: self.dtype,
+                };
+                let block = model.load_layer(layer, &src)?;
+                g.release(link)?;
+                block
+            }
         };
-        let block = model.load_layer(layer, &src)?;
         // The bytes are now converted into the layer's tensors: the buffer can take layer + 2.
-        let _ = self.free.send(loaded.buf);
+        let _ = self.free.send(buf);
         Ok((block, stall))
     }
 }

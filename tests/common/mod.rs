@@ -3,10 +3,24 @@
 
 use std::path::PathBuf;
 
-/// `../shared` beside the repository. In CI (CI=true) its absence fails the test loudly;
-/// elsewhere the test is skipped with a printed reason.
+/// The repository root: where the tests were built, or the working directory when a test
+/// binary was carried to another machine (the GPU machine).
+pub fn repo_dir() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if built.join("tests/fixtures").is_dir() {
+        built
+    } else {
+        std::env::current_dir().expect("working directory")
+    }
+}
+
+/// `../shared` beside the repository (or `$GRATING_SHARED_DIR`). In CI (CI=true) its absence
+/// fails the test loudly; elsewhere the test is skipped with a printed reason.
 pub fn shared_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    let dir = match std::env::var_os("GRATING_SHARED_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => repo_dir().join("../shared"),
+    };
     if dir.join("models").is_dir() {
         return Some(dir);
     }
@@ -26,14 +40,22 @@ pub fn shared_dir() -> Option<PathBuf> {
     None
 }
 
+/// A model of the shared folder. A partial copy (the GPU machine gets only what fits the
+/// transfer) may lack it: that skips with a printed reason, except in CI.
 pub fn shared_model(name: &str) -> Option<PathBuf> {
-    shared_dir().map(|d| d.join("models").join(name))
+    let dir = shared_dir()?.join("models").join(name);
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("CI=true but the shared model {} is missing", dir.display());
+    }
+    eprintln!("SKIPPED: shared model {} not found", dir.display());
+    None
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    repo_dir().join("tests/fixtures").join(name)
 }
 
 #[derive(serde::Deserialize, Debug, Clone)]
@@ -55,4 +77,61 @@ pub fn read_reference(path: &std::path::Path) -> Vec<ReferenceRow> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).expect("reference row"))
         .collect()
+}
+
+/// The device and dtype the engine tests run on: the CPU in f32 unless `GRATING_TEST_DEVICE`
+/// (e.g. `cuda:0`) and `GRATING_TEST_DTYPE` (f32, f16, bf16) say otherwise. The CUDA runs of
+/// the parity and mode tests on the GPU machine use these.
+pub fn engine_options() -> grating::EngineOptions {
+    let device = match std::env::var("GRATING_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("cpu") | Ok("") => candle_core::Device::Cpu,
+        Ok(d) => {
+            let ordinal = d
+                .strip_prefix("cuda")
+                .map(|r| r.trim_start_matches(':').parse().unwrap_or(0))
+                .unwrap_or_else(|| panic!("GRATING_TEST_DEVICE={d:?}: expected cpu or cuda:N"));
+            candle_core::Device::new_cuda(ordinal)
+                .unwrap_or_else(|e| panic!("GRATING_TEST_DEVICE={d:?} but no CUDA device: {e}"))
+        }
+    };
+    let dtype = std::env::var("GRATING_TEST_DTYPE")
+        .ok()
+        .map(|d| match d.as_str() {
+            "f32" => candle_core::DType::F32,
+            "f16" => candle_core::DType::F16,
+            "bf16" => candle_core::DType::BF16,
+            other => panic!("GRATING_TEST_DTYPE={other:?}: expected f32, f16 or bf16"),
+        });
+    grating::EngineOptions {
+        device,
+        dtype,
+        ..Default::default()
+    }
+}
+
+/// Allowed |grating - HF| on a logit for the test dtype: `abs + rel * |HF|`. f32 on the CPU
+/// agrees to 1e-4 (measured worst 1.7e-5); half precision keeps 8 (bf16) or 11 (f16)
+/// mantissa bits per activation, so its bound scales with the logit.
+pub fn logit_tolerance(reference: f32) -> f32 {
+    let (abs, rel) = match std::env::var("GRATING_TEST_DTYPE").as_deref() {
+        Ok("bf16") => (0.15, 0.05),
+        Ok("f16") => (0.03, 0.01),
+        _ if std::env::var("GRATING_TEST_DEVICE").is_ok_and(|d| d.starts_with("cuda")) => {
+            (1e-3, 1e-4)
+        }
+        _ => (1e-4, 0.0),
+    };
+    abs + rel * reference.abs()
+}
+
+/// Allowed difference between two runs of the same model whose batches differ (other
+/// batch-mates, chunking, length buckets): exact math on the CPU, but a GPU picks GEMM
+/// algorithms by shape, so sums are ordered differently.
+pub fn batch_tolerance() -> f32 {
+    match std::env::var("GRATING_TEST_DTYPE").as_deref() {
+        Ok("bf16") => 0.1,
+        Ok("f16") => 0.02,
+        _ if std::env::var("GRATING_TEST_DEVICE").is_ok_and(|d| d.starts_with("cuda")) => 1e-3,
+        _ => 1e-5,
+    }
 }

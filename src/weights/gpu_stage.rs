@@ -1,0 +1,191 @@
+//! The GPU side of layer streaming: the I/O thread reads a layer into pinned (page-locked)
+//! host memory and copies it to a device staging buffer on a stream of its own, so the copy
+//! overlaps the current layer's kernels on the compute stream. The compute thread then builds
+//! the layer's tensors out of the staging buffer with device-to-device copies.
+//!
+//! Synchronisation is explicit, with events: the compute stream waits for a layer's upload
+//! before reading it, and the copy stream waits until the compute stream has read a staging
+//! buffer before overwriting it; the host waits for an upload out of a pinned buffer to finish
+//! before refilling it.
+
+use super::{TensorEntry, TensorSource};
+use crate::error::{GratingError, Result};
+use candle_core::cuda::cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, DeviceRepr, DriverError, PinnedHostSlice,
+};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
+use std::sync::Arc;
+
+fn driver(e: DriverError) -> GratingError {
+    GratingError::Backend(candle_core::Error::Msg(format!("CUDA driver: {e}")))
+}
+
+/// The two streams layer streaming uses on one GPU.
+#[derive(Clone)]
+pub struct GpuLink {
+    device: CudaDevice,
+    compute: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+}
+
+impl GpuLink {
+    /// `None` for a CPU device.
+    pub fn for_device(device: &Device) -> Result<Option<GpuLink>> {
+        let Device::Cuda(dev) = device else {
+            return Ok(None);
+        };
+        let compute = dev.cuda_stream();
+        let ctx = compute.context().clone();
+        // Streams are ordered by the events below; cudarc's per-allocation event tracking
+        // (which turns on once a second stream exists) would add two events to every tensor
+        // candle allocates.
+        unsafe { ctx.disable_event_tracking() };
+        let copy = ctx.new_stream().map_err(driver)?;
+        Ok(Some(GpuLink {
+            device: dev.clone(),
+            compute,
+            copy,
+        }))
+    }
+
+    /// A staging pair (pinned host buffer, device buffer) of `bytes`.
+    pub fn staging(&self, bytes: usize) -> Result<GpuStaging> {
+        let bytes = bytes.max(1);
+        let host = unsafe { self.copy.context().alloc_pinned::<u8>(bytes) }.map_err(driver)?;
+        let blob = unsafe { self.copy.alloc::<u8>(bytes) }.map_err(driver)?;
+        Ok(GpuStaging {
+            host,
+            blob,
+            uploaded: None,
+            consumed: None,
+        })
+    }
+}
+
+/// One layer's bytes on their way to the GPU.
+pub struct GpuStaging {
+    host: PinnedHostSlice<u8>,
+    blob: CudaSlice<u8>,
+    /// Recorded on the copy stream after the upload.
+    uploaded: Option<CudaEvent>,
+    /// Recorded on the compute stream once the layer's tensors were copied out of `blob`.
+    consumed: Option<CudaEvent>,
+}
+
+impl GpuStaging {
+    /// The host bytes to fill, once the previous upload out of them has finished.
+    pub fn host_mut(&mut self, len: usize) -> Result<&mut [u8]> {
+        let s = self.host.as_mut_slice().map_err(driver)?;
+        if len > s.len() {
+            return Err(GratingError::Internal(format!(
+                "layer of {len} bytes does not fit its {} byte staging buffer",
+                s.len()
+            )));
+        }
+        Ok(&mut s[..len])
+    }
+
+    /// Queues the upload of the host bytes on the copy stream, after the compute stream is
+    /// done with the previous contents of the device buffer.
+    pub fn upload(&mut self, link: &GpuLink) -> Result<()> {
+        if let Some(e) = self.consumed.take() {
+            link.copy.wait(&e).map_err(driver)?;
+        }
+        link.copy
+            .memcpy_htod(&self.host, &mut self.blob)
+            .map_err(driver)?;
+        self.uploaded = Some(link.copy.record_event(None).map_err(driver)?);
+        Ok(())
+    }
+
+    /// Makes the compute stream wait for the upload.
+    pub fn await_upload(&mut self, link: &GpuLink) -> Result<()> {
+        if let Some(e) = self.uploaded.take() {
+            link.compute.wait(&e).map_err(driver)?;
+        }
+        Ok(())
+    }
+
+    /// Marks the device buffer as read by everything queued so far on the compute stream.
+    pub fn release(&mut self, link: &GpuLink) -> Result<()> {
+        self.consumed = Some(link.compute.record_event(None).map_err(driver)?);
+        Ok(())
+    }
+
+    fn tensor_at<T: DeviceRepr + candle_core::cuda::CudaDType>(
+        &self,
+        link: &GpuLink,
+        offset: usize,
+        entry: &TensorEntry,
+    ) -> Result<Tensor> {
+        let elems: usize = entry.shape.iter().product();
+        let view = self.blob.slice(offset..offset + entry.byte_len());
+        // The view is only a byte source of a device-to-device copy, so its alignment does
+        // not matter.
+        let typed = unsafe { view.transmute::<T>(elems) }
+            .ok_or_else(|| GratingError::Internal("staging view shorter than its tensor".into()))?;
+        let owned = link.compute.clone_dtod(&typed).map_err(driver)?;
+        let storage = CudaStorage::wrap_cuda_slice(owned, link.device.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            entry.shape.clone(),
+            BackpropOp::none(),
+            false,
+        ))
+    }
+}
+
+/// Serves one streamed layer's tensors out of its device staging buffer.
+pub struct StagedSource<'a> {
+    pub link: &'a GpuLink,
+    pub staging: &'a GpuStaging,
+    pub tensors: &'a [(String, TensorEntry)],
+    pub dtype: DType,
+}
+
+impl TensorSource for StagedSource<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let mut off = 0;
+        for (n, e) in self.tensors {
+            if n == name {
+                if e.shape != shape {
+                    return Err(GratingError::ShapeMismatch {
+                        name: name.to_string(),
+                        expected: shape.to_vec(),
+                        found: e.shape.clone(),
+                    });
+                }
+                let t = match e.dtype {
+                    DType::F16 => self.staging.tensor_at::<half::f16>(self.link, off, e)?,
+                    DType::BF16 => self.staging.tensor_at::<half::bf16>(self.link, off, e)?,
+                    DType::F32 => self.staging.tensor_at::<f32>(self.link, off, e)?,
+                    other => {
+                        return Err(GratingError::UnsupportedDtype {
+                            name: name.to_string(),
+                            dtype: format!("{other:?}"),
+                        })
+                    }
+                };
+                return Ok(if e.dtype != self.dtype {
+                    t.to_dtype(self.dtype)?
+                } else {
+                    t
+                });
+            }
+            off += e.byte_len();
+        }
+        Err(GratingError::MissingTensor {
+            name: name.to_string(),
+        })
+    }
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.iter().any(|(n, _)| n == name)
+    }
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, e)| e.shape.clone())
+    }
+}
