@@ -29,13 +29,13 @@ export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 ldd "$work/bin/grating" | grep -E "cuda|cublas|curand|nvrtc|not found" | tee -a "$out/gpu.txt"
 
-export GRATING_SHARED_DIR="$work/shared"
+export GRATING_SHARED_DIR="$work/shared" GRATING_TEST_WEIGHTS=f16
 status=0
 run_tests() { # dtype, log name, filters...
   local dtype=$1 name=$2
   shift 2
   echo "== tests on cuda:0, $dtype" | tee "$out/$name.log"
-  GRATING_TEST_DEVICE=cuda:0 GRATING_TEST_DTYPE=$dtype "$work/bin/test-gpu" --test-threads 1 "$@" \
+  GRATING_TEST_DEVICE=cuda:0 GRATING_TEST_DTYPE=$dtype "$work/bin/test-gpu" --test-threads 1 --nocapture "$@" \
     2>&1 | tee -a "$out/$name.log" | grep -E "^test |test result|worst|panicked|SKIPPED|peak GPU"
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 }

@@ -146,11 +146,13 @@ def hf_qwen3(model_dir, query, docs, repeats):
 
 
 def grating(binary, model_dir, query, docs_path, mode, weights, top_k, repeats, extra):
+    # Resident: one batch / one chunk per layer, as a GPU wants large GEMMs. Streamed: the
+    # memory-bounded configuration, chunks of 8192 tokens.
+    chunk = "65536" if weights == "resident" else "8192"
     cmd = [binary, "rerank", "--model", model_dir, "--device", "cuda:0", "--dtype", "bf16",
            "--query", query, "--docs", docs_path, "--mode", mode, "--weights", weights,
            "--top-k", str(top_k), "--repeats", str(repeats + 1), "--json", "--raw-scores",
-           # One batch / one chunk per layer: a GPU wants large GEMMs.
-           "--batch-size", "100000", "--chunk-tokens", "65536"] + extra
+           "--batch-size", "100000", "--chunk-tokens", chunk] + extra
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{p.stderr}")

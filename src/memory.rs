@@ -74,6 +74,19 @@ mod gpu {
         })
     }
 
+    pub fn keep_pool(device: &Device) {
+        if let Some((pool, _)) = pool(device) {
+            let mut keep: u64 = u64::MAX;
+            unsafe {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut keep as *mut u64 as *mut _,
+                )
+            };
+        }
+    }
+
     pub fn reset(device: &Device) {
         if let Some((pool, _)) = pool(device) {
             // The high-water marks can only be reset to zero (they restart from current use).
@@ -99,6 +112,17 @@ pub fn gpu_memory(device: &candle_core::Device) -> Option<GpuMemory> {
         let _ = device;
         None
     }
+}
+
+/// Lets the GPU allocator keep freed memory for reuse instead of returning it to the driver at
+/// every synchronisation (each layer's score readback is one), which made the next layer's
+/// allocations map fresh memory. Peak memory is unchanged: the pool never holds more than its
+/// high-water mark.
+pub fn keep_gpu_pool(device: &candle_core::Device) {
+    #[cfg(feature = "cuda")]
+    gpu::keep_pool(device);
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
 }
 
 /// Restarts the GPU high-water marks (per request or per benchmark run).

@@ -248,6 +248,7 @@ impl Reranker {
     /// Loads `model` (a local HF directory or a hub id) with all layers resident.
     pub fn load(model: &str, opts: &EngineOptions) -> Result<Reranker> {
         let files = ModelFiles::resolve(model)?;
+        crate::memory::keep_gpu_pool(&opts.device);
         let config_text = std::fs::read_to_string(&files.config)?;
         let (arch, _) = models::detect_architecture(&config_text)?;
         let encoder = PairEncoder::from_file(&files.tokenizer, arch)?;
@@ -304,7 +305,12 @@ impl Reranker {
                         "embedding cache share must be in [0, 1]".into(),
                     ));
                 }
-                let pf = Arc::new(PreadFiles::open(Arc::new(index))?);
+                let pf = PreadFiles::open(Arc::new(index))?;
+                let pf = Arc::new(if opts.device.is_cpu() {
+                    pf
+                } else {
+                    pf.keeping_page_cache()
+                });
                 let src = PreadSource {
                     files: pf.clone(),
                     dtype,

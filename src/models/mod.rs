@@ -29,7 +29,7 @@ impl PackedBatch {
             input_ids: Vec::new(),
             type_ids: Vec::new(),
             positions: Vec::new(),
-            layout: SeqLayout { spans: Vec::new() },
+            layout: SeqLayout::new(Vec::new()),
         };
         for (ids, types) in seqs {
             let start = b.input_ids.len();

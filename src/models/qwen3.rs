@@ -180,7 +180,9 @@ impl DecoderLayer {
 impl LayerBlock for DecoderLayer {
     fn forward(&self, hidden: &Tensor, batch: &PackedBatch) -> Result<Tensor> {
         let _enter = self.span.enter();
+        ops::profile::begin(hidden);
         let (x, _) = ops::add_rms_norm(hidden, None, &self.input_norm, self.eps)?;
+        ops::profile::mark("norm", &x);
         let qkv = ops::linear_qk_norm_rope(
             &x,
             &self.qkv_w,
@@ -190,19 +192,31 @@ impl LayerBlock for DecoderLayer {
             &self.k_norm,
             self.eps,
             &batch.positions,
+            &batch.layout,
             &self.rope,
         )?;
         drop(x);
+        ops::profile::mark("rope", &qkv);
         let ctx = ops::attention(&qkv, &batch.layout, self.shape)?;
         drop(qkv);
+        ops::profile::mark("attention", &ctx);
         let attn = ops::linear(&ctx, &self.o_w, None)?;
         drop(ctx);
+        ops::profile::mark("o_proj", &attn);
         let (x, h1) = ops::add_rms_norm(&attn, Some(hidden), &self.post_norm, self.eps)?;
         drop(attn);
-        let act = ops::silu_mul(&ops::linear(&x, &self.gate_up_w, None)?, self.inter)?;
+        ops::profile::mark("norm", &x);
+        let gate_up = ops::linear(&x, &self.gate_up_w, None)?;
+        ops::profile::mark("gate_up", &gate_up);
+        let act = ops::silu_mul(&gate_up, self.inter)?;
+        drop(gate_up);
         drop(x);
+        ops::profile::mark("silu_mul", &act);
         let down = ops::linear(&act, &self.down_w, None)?;
-        Ok((down + h1)?)
+        ops::profile::mark("down", &down);
+        let out = (down + h1)?;
+        ops::profile::mark("residual", &out);
+        Ok(out)
     }
 }
 

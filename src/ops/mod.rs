@@ -8,6 +8,9 @@
 #[cfg(feature = "openblas")]
 pub(crate) mod blas;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod profile;
 
 use candle_core::{CpuStorage, DType, Device, Storage, StorageRef, Tensor, D};
 
@@ -41,6 +44,14 @@ fn cpu_view(t: &Tensor) -> Option<CpuView<'_>> {
         return None;
     }
     Some(CpuView { guard, start, end })
+}
+
+/// Whether the fused GPU kernels apply: a contiguous CUDA tensor of a float dtype.
+#[cfg(feature = "cuda")]
+fn fused_gpu(t: &Tensor) -> bool {
+    t.device().is_cuda()
+        && t.is_contiguous()
+        && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
 }
 
 fn cpu_tensor(data: Vec<f32>, dims: (usize, usize)) -> CResult<Tensor> {
@@ -213,6 +224,10 @@ pub fn silu_mul(gate_up: &Tensor, inter: usize) -> CResult<Tensor> {
         cpu::silu_mul(v.slice(), inter, &mut out);
         return cpu_tensor(out, (rows, inter));
     }
+    #[cfg(feature = "cuda")]
+    if fused_gpu(gate_up) {
+        return gate_up.apply_op1_no_bwd(&cuda::SiluMul { inter });
+    }
     let gate = gate_up.narrow(1, 0, inter)?;
     let up = gate_up.narrow(1, inter, inter)?;
     candle_nn::ops::silu(&gate)? * up
@@ -223,9 +238,68 @@ pub fn silu_mul(gate_up: &Tensor, inter: usize) -> CResult<Tensor> {
 pub struct SeqLayout {
     /// `(first_row, len)` per sequence, in row order.
     pub spans: Vec<(usize, usize)>,
+    /// Device tensors derived from the spans (gather indices, masks, rotary tables), built at
+    /// the first layer and reused by every later one: uploading them per layer would stall
+    /// the GPU's queue once per upload.
+    pub device_cache: DeviceCache,
+}
+
+/// What a [`DeviceCache`] entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CacheKey {
+    /// Per length bucket: gather indices, kept-row indices, additive mask.
+    Attention { causal: bool, dtype: DType },
+    /// Rotary cos and sin gathered at each row's position, `[rows, 1, half]`.
+    Rope { half: usize },
+    /// Per length bucket: u32 starts and lengths (the fused GPU attention).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Buckets,
+    /// Each row's position, u32 (the fused GPU rotary kernel).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Positions,
+}
+
+/// Tensors cached per (device, key). Clones share the cache; a layout is rebuilt (with an
+/// empty cache) whenever its rows change.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceCache(std::sync::Arc<std::sync::Mutex<Vec<CacheEntry>>>);
+
+type CacheEntry = ((candle_core::DeviceLocation, CacheKey), Vec<Tensor>);
+
+impl DeviceCache {
+    fn get_or_build(
+        &self,
+        device: &Device,
+        key: CacheKey,
+        build: impl FnOnce() -> CResult<Vec<Tensor>>,
+    ) -> CResult<Vec<Tensor>> {
+        let k = (device.location(), key);
+        let mut entries = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, v)) = entries.iter().find(|(e, _)| *e == k) {
+            return Ok(v.clone());
+        }
+        let v = build()?;
+        entries.push((k, v.clone()));
+        Ok(v)
+    }
 }
 
 impl SeqLayout {
+    pub fn new(spans: Vec<(usize, usize)>) -> Self {
+        SeqLayout {
+            spans,
+            device_cache: DeviceCache::default(),
+        }
+    }
+
+    /// Each row's position within its own sequence.
+    pub fn positions(&self) -> Vec<u32> {
+        self.spans
+            .iter()
+            .flat_map(|&(_, len)| 0..len as u32)
+            .collect()
+    }
+
     pub fn total_rows(&self) -> usize {
         self.spans.last().map(|(s, l)| s + l).unwrap_or(0)
     }
@@ -245,6 +319,10 @@ pub fn attention(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> CRe
         let mut out = vec![0f32; rows * shape.out_width()];
         cpu::attention(v.slice(), &layout.spans, shape, &mut out);
         return cpu_tensor(out, (rows, shape.out_width()));
+    }
+    #[cfg(feature = "cuda")]
+    if fused_gpu(qkv) && shape.n_heads % shape.n_kv_heads.max(1) == 0 {
+        return attention_cuda(qkv, layout, shape);
     }
     attention_generic(qkv, layout, shape)
 }
@@ -288,25 +366,22 @@ fn attention_generic(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) ->
     let width = shape.qkv_width();
     let dev = qkv.device();
     let scale = 1.0 / (dh as f64).sqrt();
-    let mut outs = Vec::new();
-    for bucket in length_buckets(&layout.spans) {
+    let buckets = length_buckets(&layout.spans);
+    let plan = layout.device_cache.get_or_build(
+        dev,
+        CacheKey::Attention {
+            causal: shape.causal,
+            dtype: qkv.dtype(),
+        },
+        || attention_plan(&layout.spans, &buckets, shape.causal, qkv.dtype(), dev),
+    )?;
+    let mut outs = Vec::with_capacity(buckets.len());
+    for (bi, bucket) in buckets.into_iter().enumerate() {
         let spans = &layout.spans[bucket];
         let b = spans.len();
         let lmax = spans.iter().map(|s| s.1).max().unwrap_or(0);
-        // Padding rows repeat the sequence's last row; they are masked as keys and dropped
-        // as queries.
-        let gather: Vec<u32> = spans
-            .iter()
-            .flat_map(|&(start, len)| (0..lmax).map(move |p| (start + p.min(len - 1)) as u32))
-            .collect();
-        let keep: Vec<u32> = spans
-            .iter()
-            .enumerate()
-            .flat_map(|(s, &(_, len))| (0..len).map(move |p| (s * lmax + p) as u32))
-            .collect();
-        let x = qkv
-            .index_select(&Tensor::from_vec(gather, b * lmax, dev)?, 0)?
-            .reshape((b, lmax, width))?;
+        let (gather, keep, mask) = (&plan[3 * bi], &plan[3 * bi + 1], &plan[3 * bi + 2]);
+        let x = qkv.index_select(gather, 0)?.reshape((b, lmax, width))?;
         let heads = |off: usize, n: usize| -> CResult<Tensor> {
             x.narrow(2, off * dh, n * dh)?
                 .reshape((b, lmax, n, dh))?
@@ -320,37 +395,152 @@ fn attention_generic(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) ->
             k = repeat_kv4(&k, h / hkv)?;
             v = repeat_kv4(&v, h / hkv)?;
         }
-        let mut att = q.matmul(&k.transpose(2, 3)?)?.to_dtype(DType::F32)?;
-        let uneven = spans.iter().any(|s| s.1 != lmax);
-        if shape.causal {
-            // Right padding: a real query never reaches a padded key under a causal mask.
-            let mask: Vec<f32> = (0..lmax)
-                .flat_map(|i| (0..lmax).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-                .collect();
-            att = att.broadcast_add(&Tensor::from_vec(mask, (lmax, lmax), dev)?)?;
-        } else if uneven {
-            let mask: Vec<f32> = spans
-                .iter()
-                .flat_map(|&(_, len)| {
-                    (0..lmax).map(move |j| if j < len { 0.0 } else { f32::NEG_INFINITY })
-                })
-                .collect();
-            att = att.broadcast_add(&Tensor::from_vec(mask, (b, 1, 1, lmax), dev)?)?;
+        // Scores stay in the compute dtype: the softmax kernel sums in f32.
+        let mut att = q.matmul(&k.transpose(2, 3)?)?;
+        if mask.elem_count() > 1 {
+            att = att.broadcast_add(mask)?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(qkv.dtype())?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
         let o = att
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b * lmax, h * dh))?;
-        let o = if uneven {
-            let n = keep.len();
-            o.index_select(&Tensor::from_vec(keep, n, dev)?, 0)?
+        let o = if keep.elem_count() != b * lmax {
+            o.index_select(keep, 0)?
         } else {
             o
         };
         outs.push(o);
     }
     Tensor::cat(&outs, 0)
+}
+
+/// The device tensors of [`attention_generic`]'s buckets, three per bucket: the rows to gather
+/// (padding rows repeat the sequence's last row; they are masked as keys and dropped as
+/// queries), the rows to keep, and the additive mask (`[lmax, lmax]` causal, `[b, 1, 1, lmax]`
+/// key padding, or a single 0 when no mask is needed).
+fn attention_plan(
+    spans: &[(usize, usize)],
+    buckets: &[std::ops::Range<usize>],
+    causal: bool,
+    dtype: DType,
+    dev: &Device,
+) -> CResult<Vec<Tensor>> {
+    let mut plan = Vec::with_capacity(3 * buckets.len());
+    for bucket in buckets {
+        let spans = &spans[bucket.clone()];
+        let b = spans.len();
+        let lmax = spans.iter().map(|s| s.1).max().unwrap_or(0);
+        let gather: Vec<u32> = spans
+            .iter()
+            .flat_map(|&(start, len)| (0..lmax).map(move |p| (start + p.min(len - 1)) as u32))
+            .collect();
+        let keep: Vec<u32> = spans
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &(_, len))| (0..len).map(move |p| (s * lmax + p) as u32))
+            .collect();
+        let uneven = spans.iter().any(|s| s.1 != lmax);
+        let mask = if causal {
+            // Right padding: a real query never reaches a padded key under a causal mask.
+            let m: Vec<f32> = (0..lmax)
+                .flat_map(|i| (0..lmax).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+                .collect();
+            Tensor::from_vec(m, (lmax, lmax), dev)?
+        } else if uneven {
+            let m: Vec<f32> = spans
+                .iter()
+                .flat_map(|&(_, len)| {
+                    (0..lmax).map(move |j| if j < len { 0.0 } else { f32::NEG_INFINITY })
+                })
+                .collect();
+            Tensor::from_vec(m, (b, 1, 1, lmax), dev)?
+        } else {
+            Tensor::zeros(1, DType::F32, dev)?
+        };
+        let (ng, nk) = (gather.len(), keep.len());
+        plan.push(Tensor::from_vec(gather, ng, dev)?);
+        plan.push(Tensor::from_vec(keep, nk, dev)?);
+        plan.push(mask.to_dtype(dtype)?);
+    }
+    Ok(plan)
+}
+
+/// Length-bucketed attention with the fused GPU kernels: per bucket, one kernel packs q, k, v
+/// into padded per-head blocks (grouped-query heads stacked along the query axis), cuBLAS runs
+/// the two batched GEMMs, one kernel applies the length/causal mask and softmax in place, and
+/// one scatters the real rows into the packed output.
+#[cfg(feature = "cuda")]
+fn attention_cuda(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> CResult<Tensor> {
+    let dev = qkv.device();
+    let (dh, h, hkv) = (shape.head_dim, shape.n_heads, shape.n_kv_heads);
+    let rep = h / hkv;
+    let ranges = length_buckets(&layout.spans);
+    let tensors = layout
+        .device_cache
+        .get_or_build(dev, CacheKey::Buckets, || {
+            let mut v = Vec::new();
+            for r in &ranges {
+                let spans = &layout.spans[r.clone()];
+                let starts: Vec<u32> = spans.iter().map(|s| s.0 as u32).collect();
+                let lens: Vec<u32> = spans.iter().map(|s| s.1 as u32).collect();
+                v.push(Tensor::new(starts.as_slice(), dev)?);
+                v.push(Tensor::new(lens.as_slice(), dev)?);
+            }
+            Ok(v)
+        })?;
+    let buckets: Vec<cuda::Bucket> = ranges
+        .iter()
+        .zip(tensors.chunks(2))
+        .map(|(r, p)| cuda::Bucket {
+            starts: p[0].clone(),
+            lens: p[1].clone(),
+            b: r.len(),
+            lmax: layout.spans[r.clone()]
+                .iter()
+                .map(|s| s.1)
+                .max()
+                .unwrap_or(0),
+        })
+        .collect();
+    let out = Tensor::zeros((qkv.dim(0)?, h * dh), qkv.dtype(), dev)?;
+    let scale = 1.0 / (dh as f32).sqrt();
+    for bucket in &buckets {
+        let (b, lmax) = (bucket.b, bucket.lmax);
+        let packed = qkv.apply_op1_no_bwd(&cuda::AttnPack {
+            bucket,
+            n_heads: h,
+            n_kv_heads: hkv,
+            head_dim: dh,
+            scale,
+        })?;
+        let (qn, kn) = (b * h * lmax * dh, b * hkv * lmax * dh);
+        let q = packed
+            .narrow(0, 0, qn)?
+            .reshape((b * hkv, rep * lmax, dh))?;
+        let k = packed.narrow(0, qn, kn)?.reshape((b * hkv, lmax, dh))?;
+        let v = packed
+            .narrow(0, qn + kn, kn)?
+            .reshape((b * hkv, lmax, dh))?;
+        let scores = q.matmul(&k.t()?)?;
+        scores.inplace_op1(&cuda::MaskedSoftmax {
+            bucket,
+            n_kv_heads: hkv,
+            rep,
+            causal: shape.causal,
+        })?;
+        let o = scores.matmul(&v)?;
+        out.inplace_op2(
+            &o,
+            &cuda::AttnUnpack {
+                bucket,
+                n_heads: h,
+                n_kv_heads: hkv,
+                head_dim: dh,
+            },
+        )?;
+    }
+    Ok(out)
 }
 
 /// `[b, hkv, l, dh]` -> `[b, hkv * rep, l, dh]`, each kv head serving `rep` query heads.
@@ -373,6 +563,7 @@ pub fn linear_qk_norm_rope(
     k_gamma: &Tensor,
     eps: f64,
     positions: &[u32],
+    layout: &SeqLayout,
     rope: &RopeTable,
 ) -> CResult<Tensor> {
     let in_table = positions
@@ -394,18 +585,23 @@ pub fn linear_qk_norm_rope(
             }
         }
     }
+    let qkv = linear(x, w, b)?;
+    profile::mark("qkv", &qkv);
     qk_norm_rope(
-        linear(x, w, b)?,
+        qkv,
         shape,
         Some(q_gamma),
         Some(k_gamma),
         eps,
         positions,
+        layout,
         rope,
     )
 }
 
 /// Qwen3's per-head q/k RMSNorm followed by rotary embedding, on a fused qkv projection.
+/// `positions` are `layout`'s rows' positions.
+#[allow(clippy::too_many_arguments)]
 pub fn qk_norm_rope(
     qkv: Tensor,
     shape: AttentionShape,
@@ -413,6 +609,7 @@ pub fn qk_norm_rope(
     k_gamma: Option<&Tensor>,
     eps: f64,
     positions: &[u32],
+    layout: &SeqLayout,
     rope: &RopeTable,
 ) -> CResult<Tensor> {
     let (rows, width) = qkv.dims2()?;
@@ -442,9 +639,31 @@ pub fn qk_norm_rope(
             return cpu_tensor(data, (rows, width));
         }
     }
-    qk_norm_rope_generic(&qkv, shape, q_gamma, k_gamma, eps, positions, rope)
+    #[cfg(feature = "cuda")]
+    if let (true, Some(qg), Some(kg)) = (fused_gpu(&qkv), q_gamma, k_gamma) {
+        let dev = qkv.device();
+        let (cos, sin) = rope.on_device(dev)?;
+        let pos = layout
+            .device_cache
+            .get_or_build(dev, CacheKey::Positions, || {
+                Ok(vec![Tensor::new(positions, dev)?])
+            })?;
+        return qkv.apply_op1_no_bwd(&cuda::QkNormRope {
+            n_heads: shape.n_heads,
+            n_kv_heads: shape.n_kv_heads,
+            head_dim: shape.head_dim,
+            eps: eps as f32,
+            cos,
+            sin,
+            positions: pos[0].clone(),
+            q_gamma: qg.to_dtype(qkv.dtype())?,
+            k_gamma: kg.to_dtype(qkv.dtype())?,
+        });
+    }
+    qk_norm_rope_generic(&qkv, shape, q_gamma, k_gamma, eps, positions, layout, rope)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn qk_norm_rope_generic(
     qkv: &Tensor,
     shape: AttentionShape,
@@ -452,23 +671,26 @@ fn qk_norm_rope_generic(
     k_gamma: Option<&Tensor>,
     eps: f64,
     positions: &[u32],
+    layout: &SeqLayout,
     rope: &RopeTable,
 ) -> CResult<Tensor> {
     let rows = qkv.dim(0)?;
     let dh = shape.head_dim;
     let half = dh / 2;
     let dev = qkv.device();
-    // The tables live on the device once; a layer uploads only the positions.
-    let (cos_table, sin_table) = rope.on_device(dev)?;
-    let pos = Tensor::from_slice(positions, rows, dev)?;
-    let cos = cos_table
-        .index_select(&pos, 0)?
-        .reshape((rows, 1, half))?
-        .to_dtype(qkv.dtype())?;
-    let sin = sin_table
-        .index_select(&pos, 0)?
-        .reshape((rows, 1, half))?
-        .to_dtype(qkv.dtype())?;
+    // Gathered once per layout on the device, then reused by every layer.
+    let tables = layout
+        .device_cache
+        .get_or_build(dev, CacheKey::Rope { half }, || {
+            let (cos_table, sin_table) = rope.on_device(dev)?;
+            let pos = Tensor::from_slice(positions, rows, dev)?;
+            Ok(vec![
+                cos_table.index_select(&pos, 0)?.reshape((rows, 1, half))?,
+                sin_table.index_select(&pos, 0)?.reshape((rows, 1, half))?,
+            ])
+        })?;
+    let cos = tables[0].to_dtype(qkv.dtype())?;
+    let sin = tables[1].to_dtype(qkv.dtype())?;
     let part = |off: usize, n: usize, gamma: Option<&Tensor>| -> CResult<Tensor> {
         let mut x = qkv.narrow(1, off * dh, n * dh)?.reshape((rows, n, dh))?;
         if let Some(g) = gamma {
@@ -597,9 +819,15 @@ mod tests {
                 causal,
             };
             // Several length buckets, uneven lengths inside some of them.
-            let layout = SeqLayout {
-                spans: vec![(0, 3), (3, 7), (10, 1), (11, 7), (18, 6), (24, 6), (30, 2)],
-            };
+            let layout = SeqLayout::new(vec![
+                (0, 3),
+                (3, 7),
+                (10, 1),
+                (11, 7),
+                (18, 6),
+                (24, 6),
+                (30, 2),
+            ]);
             let qkv = rand_tensor(&[32, shape.qkv_width()], 9);
             let a = attention(&qkv, &layout, shape).unwrap();
             let b = attention_generic(&qkv, &layout, shape).unwrap();
@@ -613,7 +841,8 @@ mod tests {
         };
         let qkv = rand_tensor(&[11, shape.qkv_width()], 9);
         let rope = RopeTable::new(8, 10000.0, 16);
-        let positions: Vec<u32> = [0u32, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0].to_vec();
+        let layout = SeqLayout::new(vec![(0, 3), (3, 7), (10, 1)]);
+        let positions = layout.positions();
         let qg = rand_tensor(&[8], 10);
         let kg = rand_tensor(&[8], 11);
         let fast = qk_norm_rope(
@@ -623,11 +852,21 @@ mod tests {
             Some(&kg),
             1e-6,
             &positions,
+            &layout,
             &rope,
         )
         .unwrap();
-        let slow = qk_norm_rope_generic(&qkv, shape, Some(&qg), Some(&kg), 1e-6, &positions, &rope)
-            .unwrap();
+        let slow = qk_norm_rope_generic(
+            &qkv,
+            shape,
+            Some(&qg),
+            Some(&kg),
+            1e-6,
+            &positions,
+            &layout,
+            &rope,
+        )
+        .unwrap();
         assert!(max_diff(&fast, &slow) < 1e-5);
     }
 }

@@ -52,7 +52,10 @@ impl GpuLink {
     /// A staging pair (pinned host buffer, device buffer) of `bytes`.
     pub fn staging(&self, bytes: usize) -> Result<GpuStaging> {
         let bytes = bytes.max(1);
-        let host = unsafe { self.copy.context().alloc_pinned::<u8>(bytes) }.map_err(driver)?;
+        // Ordinary (cached) page-locked memory: the reader writes it through the page cache
+        // copy, which write-combined memory would slow down.
+        let host = unsafe { self.copy.context().alloc_pinned_with_flags::<u8>(bytes, 0) }
+            .map_err(driver)?;
         let blob = unsafe { self.copy.alloc::<u8>(bytes) }.map_err(driver)?;
         Ok(GpuStaging {
             host,

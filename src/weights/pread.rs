@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 pub struct PreadFiles {
     pub index: Arc<WeightIndex>,
     files: Vec<File>,
+    keep_page_cache: bool,
 }
 
 impl PreadFiles {
@@ -31,7 +32,18 @@ impl PreadFiles {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(PreadFiles { index, files })
+        Ok(PreadFiles {
+            index,
+            files,
+            keep_page_cache: false,
+        })
+    }
+
+    /// Leaves read pages in the page cache. Streaming to a GPU bounds GPU memory, not host
+    /// memory: the next pass then reads the layers from the cache instead of the disk.
+    pub fn keeping_page_cache(mut self) -> Self {
+        self.keep_page_cache = true;
+        self
     }
 
     /// Reads `len` bytes at absolute offset `at` of file `file` into `buf`, then drops those
@@ -50,7 +62,9 @@ impl PreadFiles {
                     format!("reading {what}: {e}")
                 },
             })?;
-        drop_cache(f, at, buf.len() as u64);
+        if !self.keep_page_cache {
+            drop_cache(f, at, buf.len() as u64);
+        }
         Ok(())
     }
 

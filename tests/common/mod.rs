@@ -112,10 +112,16 @@ pub fn engine_options() -> grating::EngineOptions {
 /// Allowed |grating - HF| on a logit for the test dtype: `abs + rel * |HF|`. f32 on the CPU
 /// agrees to 1e-4 (measured worst 1.7e-5); half precision keeps 8 (bf16) or 11 (f16)
 /// mantissa bits per activation, so its bound scales with the logit.
+///
+/// `GRATING_TEST_WEIGHTS=f16` says the shared models are f16 copies (what travels to the GPU
+/// machine): their rounded weights alone move a logit by up to ~3e-3 even in f32 compute,
+/// so the f16 bound applies.
 pub fn logit_tolerance(reference: f32) -> f32 {
+    let f16_weights = std::env::var("GRATING_TEST_WEIGHTS").is_ok_and(|w| w == "f16");
     let (abs, rel) = match std::env::var("GRATING_TEST_DTYPE").as_deref() {
         Ok("bf16") => (0.15, 0.05),
         Ok("f16") => (0.03, 0.01),
+        _ if f16_weights => (0.03, 0.01),
         _ if std::env::var("GRATING_TEST_DEVICE").is_ok_and(|d| d.starts_with("cuda")) => {
             (1e-3, 1e-4)
         }
