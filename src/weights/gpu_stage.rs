@@ -14,8 +14,24 @@ use candle_core::cuda::cudarc::driver::{
     CudaEvent, CudaSlice, CudaStream, DeviceRepr, DriverError, PinnedHostSlice,
 };
 use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
-use std::sync::Arc;
+use candle_core::{CudaDevice, CudaStorage, DType, Device, DeviceLocation, Storage, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// Staging buffers and copy streams outlive a pass: the server starts a one-layer stream per
+/// step, and page-locked allocations, device buffers and streams cost milliseconds to create.
+/// At most this many idle staging pairs are kept per process.
+const POOL_LIMIT: usize = 4;
+
+struct Buffers {
+    location: DeviceLocation,
+    host: PinnedHostSlice<u8>,
+    blob: CudaSlice<u8>,
+    /// Recorded on the compute stream once the last layer was copied out of `blob`.
+    consumed: Option<CudaEvent>,
+}
+
+static POOL: Mutex<Vec<Buffers>> = Mutex::new(Vec::new());
+static LINKS: Mutex<Vec<(DeviceLocation, GpuLink)>> = Mutex::new(Vec::new());
 
 fn driver(e: DriverError) -> GratingError {
     GratingError::Backend(candle_core::Error::Msg(format!("CUDA driver: {e}")))
@@ -35,6 +51,10 @@ impl GpuLink {
         let Device::Cuda(dev) = device else {
             return Ok(None);
         };
+        let mut links = LINKS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, l)) = links.iter().find(|(loc, _)| *loc == device.location()) {
+            return Ok(Some(l.clone()));
+        }
         let compute = dev.cuda_stream();
         let ctx = compute.context().clone();
         // Streams are ordered by the events below; cudarc's per-allocation event tracking
@@ -42,44 +62,84 @@ impl GpuLink {
         // candle allocates.
         unsafe { ctx.disable_event_tracking() };
         let copy = ctx.new_stream().map_err(driver)?;
-        Ok(Some(GpuLink {
+        let link = GpuLink {
             device: dev.clone(),
             compute,
             copy,
-        }))
+        };
+        links.push((device.location(), link.clone()));
+        Ok(Some(link))
     }
 
-    /// A staging pair (pinned host buffer, device buffer) of `bytes`.
+    /// A staging pair (pinned host buffer, device buffer) of at least `bytes`, from the pool
+    /// when one is idle.
     pub fn staging(&self, bytes: usize) -> Result<GpuStaging> {
         let bytes = bytes.max(1);
+        let location = Device::Cuda(self.device.clone()).location();
+        {
+            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = pool
+                .iter()
+                .position(|b| b.location == location && b.blob.len() >= bytes)
+            {
+                return Ok(GpuStaging {
+                    buffers: Some(pool.swap_remove(i)),
+                    uploaded: None,
+                });
+            }
+        }
         // Ordinary (cached) page-locked memory: the reader writes it through the page cache
         // copy, which write-combined memory would slow down.
         let host = unsafe { self.copy.context().alloc_pinned_with_flags::<u8>(bytes, 0) }
             .map_err(driver)?;
         let blob = unsafe { self.copy.alloc::<u8>(bytes) }.map_err(driver)?;
         Ok(GpuStaging {
-            host,
-            blob,
+            buffers: Some(Buffers {
+                location,
+                host,
+                blob,
+                consumed: None,
+            }),
             uploaded: None,
-            consumed: None,
         })
     }
 }
 
-/// One layer's bytes on their way to the GPU.
+/// One layer's bytes on their way to the GPU. Dropping it returns its buffers to the pool
+/// (with the event a reuse must wait for).
 pub struct GpuStaging {
-    host: PinnedHostSlice<u8>,
-    blob: CudaSlice<u8>,
+    buffers: Option<Buffers>,
     /// Recorded on the copy stream after the upload.
     uploaded: Option<CudaEvent>,
-    /// Recorded on the compute stream once the layer's tensors were copied out of `blob`.
-    consumed: Option<CudaEvent>,
+}
+
+impl Drop for GpuStaging {
+    fn drop(&mut self) {
+        if let Some(b) = self.buffers.take() {
+            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < POOL_LIMIT {
+                pool.push(b);
+            }
+        }
+    }
 }
 
 impl GpuStaging {
+    fn buffers(&self) -> &Buffers {
+        self.buffers
+            .as_ref()
+            .expect("staging buffers present until drop")
+    }
+
+    fn buffers_mut(&mut self) -> &mut Buffers {
+        self.buffers
+            .as_mut()
+            .expect("staging buffers present until drop")
+    }
+
     /// The host bytes to fill, once the previous upload out of them has finished.
     pub fn host_mut(&mut self, len: usize) -> Result<&mut [u8]> {
-        let s = self.host.as_mut_slice().map_err(driver)?;
+        let s = self.buffers_mut().host.as_mut_slice().map_err(driver)?;
         if len > s.len() {
             return Err(GratingError::Internal(format!(
                 "layer of {len} bytes does not fit its {} byte staging buffer",
@@ -92,11 +152,12 @@ impl GpuStaging {
     /// Queues the upload of the host bytes on the copy stream, after the compute stream is
     /// done with the previous contents of the device buffer.
     pub fn upload(&mut self, link: &GpuLink) -> Result<()> {
-        if let Some(e) = self.consumed.take() {
+        let b = self.buffers_mut();
+        if let Some(e) = b.consumed.take() {
             link.copy.wait(&e).map_err(driver)?;
         }
         link.copy
-            .memcpy_htod(&self.host, &mut self.blob)
+            .memcpy_htod(&b.host, &mut b.blob)
             .map_err(driver)?;
         self.uploaded = Some(link.copy.record_event(None).map_err(driver)?);
         Ok(())
@@ -112,7 +173,7 @@ impl GpuStaging {
 
     /// Marks the device buffer as read by everything queued so far on the compute stream.
     pub fn release(&mut self, link: &GpuLink) -> Result<()> {
-        self.consumed = Some(link.compute.record_event(None).map_err(driver)?);
+        self.buffers_mut().consumed = Some(link.compute.record_event(None).map_err(driver)?);
         Ok(())
     }
 
@@ -123,7 +184,7 @@ impl GpuStaging {
         entry: &TensorEntry,
     ) -> Result<Tensor> {
         let elems: usize = entry.shape.iter().product();
-        let view = self.blob.slice(offset..offset + entry.byte_len());
+        let view = self.buffers().blob.slice(offset..offset + entry.byte_len());
         // The view is only a byte source of a device-to-device copy, so its alignment does
         // not matter.
         let typed = unsafe { view.transmute::<T>(elems) }
