@@ -145,10 +145,11 @@ def hf_qwen3(model_dir, query, docs, repeats):
     return lat, peak, scores.tolist(), pad
 
 
-def grating(binary, model_dir, query, docs_path, mode, weights, top_k, repeats, extra):
+def grating(binary, model_dir, query, docs_path, mode, weights, top_k, repeats, extra,
+            stream_chunk):
     # Resident: one batch / one chunk per layer, as a GPU wants large GEMMs. Streamed: the
-    # memory-bounded configuration, chunks of 8192 tokens.
-    chunk = "65536" if weights == "resident" else "8192"
+    # memory-bounded configuration, smaller chunks (--stream-chunk-tokens).
+    chunk = "65536" if weights == "resident" else str(stream_chunk)
     cmd = [binary, "rerank", "--model", model_dir, "--device", "cuda:0", "--dtype", "bf16",
            "--query", query, "--docs", docs_path, "--mode", mode, "--weights", weights,
            "--top-k", str(top_k), "--repeats", str(repeats + 1), "--json", "--raw-scores",
@@ -179,6 +180,8 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="dense bf16 peak of the GPU (H100 SXM: 989; H200: 989)")
     ap.add_argument("--models", default="bert,qwen3")
+    ap.add_argument("--stream-chunk-tokens", type=int, default=8192,
+                    help="chunk size of the streamed-weights contenders")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name(0)
@@ -208,7 +211,7 @@ def main():
                                          ("grating", "stream", prune_extra),
                                          ("full", "stream", [])]:
                 g = grating(args.grating, model_dir, query, docs_path, mode, weights,
-                            args.top_k, args.repeats, extra)
+                            args.top_k, args.repeats, extra, args.stream_chunk_tokens)
                 row = dict(base)
                 useful_tflops = g["flops"] / g["compute"] / 1e12
                 row.update({
@@ -227,7 +230,8 @@ def main():
                     f"top-{args.top_k} overlap {row['top_k_overlap_with_hf']:.1f}")
                 rows.append(row)
     meta = {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-            "repeats": args.repeats, "peak_tflops": args.peak_tflops}
+            "repeats": args.repeats, "peak_tflops": args.peak_tflops,
+            "stream_chunk_tokens": args.stream_chunk_tokens}
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print("| model | N | contender | HF ms | grating ms | ratio | HF peak MiB | grating peak MiB "
