@@ -160,7 +160,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         let mut req = RerankRequest::new(item.query.clone(), item.docs.clone());
         req.top_k = Some(item.top_k);
         req.mode = args.mode;
-        args.batch.apply(&mut req)?;
+        args.batch.apply(&mut req, reranker.device())?;
         req.prune = prune.clone();
         let t = std::time::Instant::now();
         let res = reranker.rerank(&req, None)?;
@@ -343,9 +343,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 if let Some(m) = args.model.max_memory {
                     c.args(["--max-memory", &m.to_string()]);
                 }
-                c.args(["--batch-size", &args.batch.batch_size.to_string()])
-                    .args(["--chunk-tokens", &args.batch.chunk_tokens.to_string()])
-                    .args(["--prune", &args.prune.prune]);
+                if let Some(b) = args.batch.batch_size {
+                    c.args(["--batch-size", &b.to_string()]);
+                }
+                if let Some(t) = args.batch.chunk_tokens {
+                    c.args(["--chunk-tokens", &t.to_string()]);
+                }
+                if let Some(d) = args.model.dtype {
+                    c.args(["--dtype", &format!("{d:?}").to_lowercase()]);
+                }
+                c.args(["--prune", &args.prune.prune]);
                 if args.prune.exact_order {
                     c.arg("--exact-order");
                 }
@@ -379,7 +386,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     ])
                     .args([
                         "--batch-size",
-                        &args.batch.batch_size.to_string(),
+                        &args.batch.batch_size.unwrap_or(32).to_string(),
                         "--serve",
                     ]);
                 c

@@ -146,23 +146,48 @@ impl PruneArgs {
 /// How candidates are grouped for compute.
 #[derive(Args, Debug, Clone)]
 pub struct BatchArgs {
-    /// Candidates per batch in full mode.
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
+    /// Candidates per batch in full mode (default: 32 on the CPU; on a GPU batches are bounded
+    /// by --chunk-tokens only).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Tokens per chunk in grating mode, and most tokens of a full-mode batch (bounds
-    /// activation memory in both).
-    #[arg(long, default_value_t = grating::engine::monolithic::DEFAULT_CHUNK_TOKENS)]
-    pub chunk_tokens: usize,
+    /// activation memory in both). Default: 4096 on the CPU, 65536 on a GPU, whose GEMMs need
+    /// large operands (docs/gpu.md).
+    #[arg(long)]
+    pub chunk_tokens: Option<usize>,
 }
 
+/// GPU defaults of [`BatchArgs`]: the configuration docs/gpu.md measured.
+const GPU_CHUNK_TOKENS: usize = 65536;
+const GPU_BATCH_SIZE: usize = 100_000;
+
 impl BatchArgs {
+    /// Batch size and chunk tokens: the flags, else the defaults for `device`.
+    pub fn resolve(&self, device: &candle_core::Device) -> (usize, usize) {
+        let gpu = !device.is_cpu();
+        (
+            self.batch_size
+                .unwrap_or(if gpu { GPU_BATCH_SIZE } else { 32 }),
+            self.chunk_tokens.unwrap_or(if gpu {
+                GPU_CHUNK_TOKENS
+            } else {
+                grating::engine::monolithic::DEFAULT_CHUNK_TOKENS
+            }),
+        )
+    }
+
     /// Sets the request's batch size and chunk tokens, refusing zeros.
-    pub fn apply(&self, req: &mut grating::RerankRequest) -> Result<()> {
-        if self.chunk_tokens == 0 || self.batch_size == 0 {
+    pub fn apply(
+        &self,
+        req: &mut grating::RerankRequest,
+        device: &candle_core::Device,
+    ) -> Result<()> {
+        let (batch_size, chunk_tokens) = self.resolve(device);
+        if chunk_tokens == 0 || batch_size == 0 {
             bail!("--chunk-tokens and --batch-size must be positive");
         }
-        req.batch_size = self.batch_size;
-        req.chunk_tokens = self.chunk_tokens;
+        req.batch_size = batch_size;
+        req.chunk_tokens = chunk_tokens;
         Ok(())
     }
 }

@@ -97,7 +97,7 @@ pub fn run(args: RerankArgs) -> Result<()> {
     );
     req.top_k = args.top_k;
     req.mode = args.mode;
-    args.batch.apply(&mut req)?;
+    args.batch.apply(&mut req, reranker.device())?;
     req.max_length = args.max_length;
     req.truncation = if args.truncation_direction == "left" {
         Truncation::Left
