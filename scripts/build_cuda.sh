@@ -9,7 +9,7 @@
 # time from the GPU machine; libcuda is only needed at link time, so a stub generated from the
 # symbol list of the bindings stands in for it here.
 #
-# Usage: bash scripts/build_cuda.sh [--no-pack]
+# Usage: bash scripts/build_cuda.sh [--no-pack | --clippy]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -47,6 +47,10 @@ export LIBRARY_PATH="$linklib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$linklib"
 export CARGO_TARGET_DIR="$root/target/cuda"
 nvcc --version | tail -2
+
+if [ "${1:-}" = "--clippy" ]; then
+  exec cargo clippy --release --no-default-features --features cuda,server --all-targets -- -D warnings
+fi
 
 # No OpenBLAS: the GPU machine does not have it (CPU f32 GEMMs fall back to the gemm crate).
 cargo build --release --no-default-features --features cuda,server --bin grating
