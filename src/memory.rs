@@ -37,20 +37,21 @@ mod gpu {
     use candle_core::cuda::cudarc::driver::sys;
     use candle_core::Device;
 
-    fn pool(device: &Device) -> Option<(sys::CUmemoryPool, usize)> {
+    /// The device's default memory pool (the one candle allocates from) and its context.
+    fn pool(
+        device: &Device,
+    ) -> Option<(
+        sys::CUmemoryPool,
+        std::sync::Arc<candle_core::cuda::cudarc::driver::CudaContext>,
+    )> {
         let Device::Cuda(dev) = device else {
             return None;
         };
-        let stream = dev.cuda_stream();
-        let ctx = stream.context();
+        let ctx = dev.cuda_stream().context().clone();
         ctx.bind_to_thread().ok()?;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         let rc = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
-        if rc != sys::CUresult::CUDA_SUCCESS {
-            return None;
-        }
-        let (free, total) = ctx.mem_get_info().ok()?;
-        Some((pool, total - free))
+        (rc == sys::CUresult::CUDA_SUCCESS).then_some((pool, ctx))
     }
 
     fn attr(pool: sys::CUmemoryPool, a: sys::CUmemPool_attribute) -> Option<u64> {
@@ -60,7 +61,8 @@ mod gpu {
     }
 
     pub fn read(device: &Device) -> Option<GpuMemory> {
-        let (pool, device_used) = pool(device)?;
+        let (pool, ctx) = pool(device)?;
+        let (free, total) = ctx.mem_get_info().ok()?;
         Some(GpuMemory {
             peak_used: attr(
                 pool,
@@ -70,7 +72,7 @@ mod gpu {
                 pool,
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
             )?,
-            device_used: device_used as u64,
+            device_used: (total - free) as u64,
         })
     }
 

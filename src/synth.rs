@@ -195,6 +195,16 @@ impl std::str::FromStr for DiskDtype {
     }
 }
 
+impl From<DiskDtype> for candle_core::DType {
+    fn from(d: DiskDtype) -> candle_core::DType {
+        match d {
+            DiskDtype::F16 => candle_core::DType::F16,
+            DiskDtype::Bf16 => candle_core::DType::BF16,
+            DiskDtype::F32 => candle_core::DType::F32,
+        }
+    }
+}
+
 /// A tensor whose bytes are generated when the writer asks for them, so a multi-GB checkpoint
 /// is written with one tensor in memory at a time.
 struct LazyTensor {
@@ -318,11 +328,7 @@ pub fn convert(src_dir: &Path, out: &Path, dtype: DiskDtype) -> Result<PathBuf> 
     }
     let index = WeightIndex::open(&files.weights)?;
     index.check_complete()?;
-    let target = match dtype {
-        DiskDtype::F16 => DType::F16,
-        DiskDtype::Bf16 => DType::BF16,
-        DiskDtype::F32 => DType::F32,
-    };
+    let target = DType::from(dtype);
     let mut tensors = std::collections::HashMap::new();
     for (name, e) in &index.entries {
         let f = std::fs::File::open(&index.files[e.file])?;

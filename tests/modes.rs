@@ -47,12 +47,7 @@ fn run(
         mode: prune,
         ..Default::default()
     };
-    r.rerank(&req, None)
-        .unwrap()
-        .ranked
-        .iter()
-        .map(|s| (s.index, s.logit))
-        .collect()
+    common::ranked(r, &req)
 }
 
 #[test]

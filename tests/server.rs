@@ -83,12 +83,7 @@ fn alone(query: &str, docs: &[String], top_n: Option<usize>) -> Vec<(usize, f32)
     req.top_k = top_n;
     req.mode = Mode::Grating;
     req.prune = PruneConfig::default();
-    r.rerank(&req, None)
-        .unwrap()
-        .ranked
-        .iter()
-        .map(|s| (s.index, s.logit))
-        .collect()
+    common::ranked(&r, &req)
 }
 
 #[test]

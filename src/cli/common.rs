@@ -51,13 +51,10 @@ impl ModelArgs {
     }
 }
 
+/// A float dtype, by the names `synth-model` and `convert` take.
 pub fn parse_dtype(s: &str) -> Result<candle_core::DType> {
-    Ok(match s {
-        "f32" => candle_core::DType::F32,
-        "f16" => candle_core::DType::F16,
-        "bf16" => candle_core::DType::BF16,
-        _ => bail!("invalid dtype {s:?} (f32, f16 or bf16)"),
-    })
+    let d: grating::synth::DiskDtype = s.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    Ok(d.into())
 }
 
 pub fn parse_device(s: &str) -> Result<candle_core::Device> {

@@ -123,20 +123,15 @@ mod tests {
             .unwrap();
         let ha = s.spill(&a).unwrap();
         let hb = s.spill(&b).unwrap();
-        let back_b: Vec<f32> = hb
-            .get(Some(&s), DType::F32, &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let back_a: Vec<f32> = ha
-            .get(Some(&s), DType::F32, &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let back = |h: &Hidden| -> Vec<f32> {
+            h.get(Some(&s), DType::F32, &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (back_a, back_b) = (back(&ha), back(&hb));
         assert_eq!(back_a, (0..12).map(|x| x as f32).collect::<Vec<_>>());
         assert_eq!(back_b, (100..106).map(|x| x as f32).collect::<Vec<_>>());
         assert_eq!(s.bytes_written.load(Ordering::Relaxed), 18 * 4);

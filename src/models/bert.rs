@@ -156,6 +156,7 @@ impl Embeddings {
         }
         let max_pos = self.position.dim(0)?;
         let positions: Vec<u32> = batch
+            .layout
             .positions
             .iter()
             .map(|p| p + self.position_offset as u32)

@@ -18,31 +18,27 @@ use std::sync::Arc;
 pub struct PackedBatch {
     pub input_ids: Vec<u32>,
     pub type_ids: Vec<u32>,
-    /// Position of each token within its own sequence, from 0.
-    pub positions: Vec<u32>,
+    /// Spans and per-token positions.
     pub layout: SeqLayout,
 }
 
 impl PackedBatch {
     pub fn new<'a>(seqs: impl IntoIterator<Item = (&'a [u32], &'a [u32])>) -> PackedBatch {
-        let mut b = PackedBatch {
-            input_ids: Vec::new(),
-            type_ids: Vec::new(),
-            positions: Vec::new(),
-            layout: SeqLayout::new(Vec::new()),
-        };
+        let (mut input_ids, mut type_ids, mut spans) = (Vec::new(), Vec::new(), Vec::new());
         for (ids, types) in seqs {
-            let start = b.input_ids.len();
-            b.input_ids.extend_from_slice(ids);
+            spans.push((input_ids.len(), ids.len()));
+            input_ids.extend_from_slice(ids);
             if types.len() == ids.len() {
-                b.type_ids.extend_from_slice(types);
+                type_ids.extend_from_slice(types);
             } else {
-                b.type_ids.extend(std::iter::repeat_n(0, ids.len()));
+                type_ids.extend(std::iter::repeat_n(0, ids.len()));
             }
-            b.positions.extend(0..ids.len() as u32);
-            b.layout.spans.push((start, ids.len()));
         }
-        b
+        PackedBatch {
+            input_ids,
+            type_ids,
+            layout: SeqLayout::new(spans),
+        }
     }
 
     pub fn num_sequences(&self) -> usize {

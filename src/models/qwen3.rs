@@ -191,7 +191,6 @@ impl LayerBlock for DecoderLayer {
             &self.q_norm,
             &self.k_norm,
             self.eps,
-            &batch.positions,
             &batch.layout,
             &self.rope,
         )?;
@@ -347,14 +346,12 @@ impl RerankModel for Qwen3Reranker {
                 "token id {bad} outside the vocabulary of {vocab}"
             )));
         }
-        if let Some(p) = batch.positions.iter().max() {
-            if *p as usize >= self.rope.max_positions() {
-                return Err(GratingError::LimitExceeded(format!(
-                    "sequence of {} tokens exceeds the model's {} positions",
-                    p + 1,
-                    self.rope.max_positions()
-                )));
-            }
+        let longest = batch.layout.max_len();
+        if longest > self.rope.max_positions() {
+            return Err(GratingError::LimitExceeded(format!(
+                "sequence of {longest} tokens exceeds the model's {} positions",
+                self.rope.max_positions()
+            )));
         }
         self.embed_tokens.lookup(&batch.input_ids)
     }

@@ -45,15 +45,24 @@ fn view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result
     Ok(s.as_cuda_slice::<T>()?.slice(a..b))
 }
 
-/// Runs `f` with a view of a captured CUDA tensor (indices, tables, weights).
-fn with_view<T: CudaDType + DeviceRepr, R>(
-    t: &Tensor,
-    f: impl FnOnce(CudaView<'_, T>) -> Result<R>,
-) -> Result<R> {
-    let (guard, layout) = t.storage_and_layout();
-    match &*guard {
-        Storage::Cuda(s) => f(view::<T>(s, layout)?),
-        _ => bail!("GPU kernel operand is not on the GPU"),
+/// A captured operand (indices, tables, weights): its storage stays read-locked while
+/// [`Operand::view`]s of it are in use.
+struct Operand<'a> {
+    storage: candle_core::StorageRef<'a>,
+    layout: &'a Layout,
+}
+
+impl<'a> Operand<'a> {
+    fn of(t: &'a Tensor) -> Self {
+        let (storage, layout) = t.storage_and_layout();
+        Operand { storage, layout }
+    }
+
+    fn view<T: CudaDType + DeviceRepr>(&self) -> Result<CudaView<'_, T>> {
+        match &*self.storage {
+            Storage::Cuda(s) => view::<T>(s, self.layout),
+            _ => bail!("GPU kernel operand is not on the GPU"),
+        }
     }
 }
 
@@ -151,38 +160,35 @@ impl CustomOp1 for QkNormRope {
             let src = view::<T>(s, l)?;
             let dst = unsafe { dev.alloc::<T>(n)? };
             let f = kernel!(dev, "qk_norm_rope", s.dtype());
-            with_view::<f32, _>(&op.cos, |cos| {
-                with_view::<f32, _>(&op.sin, |sin| {
-                    with_view::<u32, _>(&op.positions, |pos| {
-                        with_view::<T, _>(&op.q_gamma, |qg| {
-                            with_view::<T, _>(&op.k_gamma, |kg| {
-                                let mut b = f.builder();
-                                b.arg(&src);
-                                b.arg(&dst);
-                                b.arg(&cos);
-                                b.arg(&sin);
-                                b.arg(&pos);
-                                b.arg(&qg);
-                                b.arg(&kg);
-                                candle_core::builder_arg!(
-                                    b,
-                                    op.n_heads as i32,
-                                    op.n_kv_heads as i32,
-                                    op.head_dim as i32,
-                                    op.eps
-                                );
-                                let cfg = LaunchConfig {
-                                    grid_dim: (rows as u32, heads as u32, 1),
-                                    block_dim: ((op.head_dim / 2) as u32, 1, 1),
-                                    shared_mem_bytes: 0,
-                                };
-                                unsafe { b.launch(cfg) }.w()?;
-                                Ok(())
-                            })
-                        })
-                    })
-                })
-            })?;
+            let (cos, sin, pos) = (
+                Operand::of(&op.cos),
+                Operand::of(&op.sin),
+                Operand::of(&op.positions),
+            );
+            let (qg, kg) = (Operand::of(&op.q_gamma), Operand::of(&op.k_gamma));
+            let (cos, sin, pos) = (cos.view::<f32>()?, sin.view::<f32>()?, pos.view::<u32>()?);
+            let (qg, kg) = (qg.view::<T>()?, kg.view::<T>()?);
+            let mut b = f.builder();
+            b.arg(&src);
+            b.arg(&dst);
+            b.arg(&cos);
+            b.arg(&sin);
+            b.arg(&pos);
+            b.arg(&qg);
+            b.arg(&kg);
+            candle_core::builder_arg!(
+                b,
+                op.n_heads as i32,
+                op.n_kv_heads as i32,
+                op.head_dim as i32,
+                op.eps
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, heads as u32, 1),
+                block_dim: ((op.head_dim / 2) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
         }
         if self.head_dim % 2 != 0 || self.head_dim > 1024 {
@@ -232,26 +238,23 @@ impl CustomOp1 for AttnPack<'_> {
             let dst = unsafe { dev.alloc::<T>(total)? };
             let f = kernel!(dev, "attn_pack", s.dtype());
             let width = (op.n_heads + 2 * op.n_kv_heads) * op.head_dim;
-            with_view::<u32, _>(&bk.starts, |starts| {
-                with_view::<u32, _>(&bk.lens, |lens| {
-                    let mut b = f.builder();
-                    b.arg(&src);
-                    b.arg(&dst);
-                    b.arg(&starts);
-                    b.arg(&lens);
-                    candle_core::builder_arg!(
-                        b,
-                        bk.b as i32,
-                        bk.lmax as i32,
-                        op.n_heads as i32,
-                        op.n_kv_heads as i32,
-                        op.head_dim as i32,
-                        op.scale
-                    );
-                    unsafe { b.launch(linear_launch(bk.b * bk.lmax * width)) }.w()?;
-                    Ok(())
-                })
-            })?;
+            let (starts, lens) = (Operand::of(&bk.starts), Operand::of(&bk.lens));
+            let (starts, lens) = (starts.view::<u32>()?, lens.view::<u32>()?);
+            let mut b = f.builder();
+            b.arg(&src);
+            b.arg(&dst);
+            b.arg(&starts);
+            b.arg(&lens);
+            candle_core::builder_arg!(
+                b,
+                bk.b as i32,
+                bk.lmax as i32,
+                op.n_heads as i32,
+                op.n_kv_heads as i32,
+                op.head_dim as i32,
+                op.scale
+            );
+            unsafe { b.launch(linear_launch(bk.b * bk.lmax * width)) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
         }
         let total =
@@ -294,26 +297,26 @@ impl InplaceOp1 for MaskedSoftmax<'_> {
             let offset = l.start_offset();
             let scores = s.as_cuda_slice_mut::<T>()?;
             let mut scores = scores.slice_mut(offset..offset + rows * bk.lmax);
-            with_view::<u32, _>(&bk.lens, |lens| {
-                let mut b = f.builder();
-                b.arg(&mut scores);
-                b.arg(&lens);
-                candle_core::builder_arg!(
-                    b,
-                    rows as i64,
-                    op.n_kv_heads as i32,
-                    op.rep as i32,
-                    bk.lmax as i32,
-                    op.causal as i32
-                );
-                let cfg = LaunchConfig {
-                    grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                unsafe { b.launch(cfg) }.w()?;
-                Ok(())
-            })
+            let lens = Operand::of(&bk.lens);
+            let lens = lens.view::<u32>()?;
+            let mut b = f.builder();
+            b.arg(&mut scores);
+            b.arg(&lens);
+            candle_core::builder_arg!(
+                b,
+                rows as i64,
+                op.n_kv_heads as i32,
+                op.rep as i32,
+                bk.lmax as i32,
+                op.causal as i32
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
         }
         dispatch!(s.dtype(), "masked_softmax", run, self, s, l)
     }
@@ -359,26 +362,23 @@ impl InplaceOp2 for AttnUnpack<'_> {
             };
             let dst = out.as_cuda_slice_mut::<T>()?;
             let mut dst = dst.slice_mut(a..z);
-            with_view::<u32, _>(&bk.starts, |starts| {
-                with_view::<u32, _>(&bk.lens, |lens| {
-                    let mut b = f.builder();
-                    b.arg(&src);
-                    b.arg(&mut dst);
-                    b.arg(&starts);
-                    b.arg(&lens);
-                    candle_core::builder_arg!(
-                        b,
-                        bk.b as i32,
-                        bk.lmax as i32,
-                        op.n_heads as i32,
-                        op.n_kv_heads as i32,
-                        op.head_dim as i32
-                    );
-                    unsafe { b.launch(linear_launch(bk.b * bk.lmax * op.n_heads * op.head_dim)) }
-                        .w()?;
-                    Ok(())
-                })
-            })
+            let (starts, lens) = (Operand::of(&bk.starts), Operand::of(&bk.lens));
+            let (starts, lens) = (starts.view::<u32>()?, lens.view::<u32>()?);
+            let mut b = f.builder();
+            b.arg(&src);
+            b.arg(&mut dst);
+            b.arg(&starts);
+            b.arg(&lens);
+            candle_core::builder_arg!(
+                b,
+                bk.b as i32,
+                bk.lmax as i32,
+                op.n_heads as i32,
+                op.n_kv_heads as i32,
+                op.head_dim as i32
+            );
+            unsafe { b.launch(linear_launch(bk.b * bk.lmax * op.n_heads * op.head_dim)) }.w()?;
+            Ok(())
         }
         if out.dtype() != o.dtype() {
             bail!("attention unpack: dtype mismatch");

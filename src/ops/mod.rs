@@ -238,6 +238,8 @@ pub fn silu_mul(gate_up: &Tensor, inter: usize) -> CResult<Tensor> {
 pub struct SeqLayout {
     /// `(first_row, len)` per sequence, in row order.
     pub spans: Vec<(usize, usize)>,
+    /// Each row's position within its own sequence, from 0.
+    pub positions: Vec<u32>,
     /// Device tensors derived from the spans (gather indices, masks, rotary tables), built at
     /// the first layer and reused by every later one: uploading them per layer would stall
     /// the GPU's queue once per upload.
@@ -286,18 +288,17 @@ impl DeviceCache {
 
 impl SeqLayout {
     pub fn new(spans: Vec<(usize, usize)>) -> Self {
+        let positions = spans.iter().flat_map(|&(_, len)| 0..len as u32).collect();
         SeqLayout {
             spans,
+            positions,
             device_cache: DeviceCache::default(),
         }
     }
 
-    /// Each row's position within its own sequence.
-    pub fn positions(&self) -> Vec<u32> {
-        self.spans
-            .iter()
-            .flat_map(|&(_, len)| 0..len as u32)
-            .collect()
+    /// The longest sequence's length (its last position plus one).
+    pub fn max_len(&self) -> usize {
+        self.spans.iter().map(|s| s.1).max().unwrap_or(0)
     }
 
     pub fn total_rows(&self) -> usize {
@@ -562,23 +563,20 @@ pub fn linear_qk_norm_rope(
     q_gamma: &Tensor,
     k_gamma: &Tensor,
     eps: f64,
-    positions: &[u32],
     layout: &SeqLayout,
     rope: &RopeTable,
 ) -> CResult<Tensor> {
-    let in_table = positions
-        .iter()
-        .all(|&p| (p as usize) < rope.max_positions());
+    let in_table = layout.max_len() <= rope.max_positions();
     if let (Some(qg), Some(kg), true) = (cpu_view(q_gamma), cpu_view(k_gamma), in_table) {
         if let Some((mut out, rows, cols)) = linear_cpu(x, w, b)? {
-            if cols == shape.qkv_width() && positions.len() == rows {
+            if cols == shape.qkv_width() && layout.positions.len() == rows {
                 cpu::qk_norm_rope(
                     &mut out,
                     shape,
                     Some(qg.slice()),
                     Some(kg.slice()),
                     eps as f32,
-                    positions,
+                    &layout.positions,
                     rope,
                 );
                 return cpu_tensor(out, (rows, cols));
@@ -587,39 +585,27 @@ pub fn linear_qk_norm_rope(
     }
     let qkv = linear(x, w, b)?;
     profile::mark("qkv", &qkv);
-    qk_norm_rope(
-        qkv,
-        shape,
-        Some(q_gamma),
-        Some(k_gamma),
-        eps,
-        positions,
-        layout,
-        rope,
-    )
+    qk_norm_rope(qkv, shape, Some(q_gamma), Some(k_gamma), eps, layout, rope)
 }
 
-/// Qwen3's per-head q/k RMSNorm followed by rotary embedding, on a fused qkv projection.
-/// `positions` are `layout`'s rows' positions.
-#[allow(clippy::too_many_arguments)]
+/// Qwen3's per-head q/k RMSNorm followed by rotary embedding, on a fused qkv projection
+/// whose rows are laid out by `layout`.
 pub fn qk_norm_rope(
     qkv: Tensor,
     shape: AttentionShape,
     q_gamma: Option<&Tensor>,
     k_gamma: Option<&Tensor>,
     eps: f64,
-    positions: &[u32],
     layout: &SeqLayout,
     rope: &RopeTable,
 ) -> CResult<Tensor> {
     let (rows, width) = qkv.dims2()?;
-    if let Some(p) = positions.iter().max() {
-        if *p as usize >= rope.max_positions() {
-            candle_core::bail!(
-                "position {p} beyond the rotary table ({})",
-                rope.max_positions()
-            );
-        }
+    if layout.max_len() > rope.max_positions() {
+        candle_core::bail!(
+            "position {} beyond the rotary table ({})",
+            layout.max_len() - 1,
+            rope.max_positions()
+        );
     }
     let qg = q_gamma.map(cpu_view);
     let kg = k_gamma.map(cpu_view);
@@ -633,7 +619,7 @@ pub fn qk_norm_rope(
                 qg.as_ref().and_then(|g| g.as_ref().map(|g| g.slice())),
                 kg.as_ref().and_then(|g| g.as_ref().map(|g| g.slice())),
                 eps as f32,
-                positions,
+                &layout.positions,
                 rope,
             );
             return cpu_tensor(data, (rows, width));
@@ -646,7 +632,7 @@ pub fn qk_norm_rope(
         let pos = layout
             .device_cache
             .get_or_build(dev, CacheKey::Positions, || {
-                Ok(vec![Tensor::new(positions, dev)?])
+                Ok(vec![Tensor::new(layout.positions.as_slice(), dev)?])
             })?;
         return qkv.apply_op1_no_bwd(&cuda::QkNormRope {
             n_heads: shape.n_heads,
@@ -660,17 +646,15 @@ pub fn qk_norm_rope(
             k_gamma: kg.to_dtype(qkv.dtype())?,
         });
     }
-    qk_norm_rope_generic(&qkv, shape, q_gamma, k_gamma, eps, positions, layout, rope)
+    qk_norm_rope_generic(&qkv, shape, q_gamma, k_gamma, eps, layout, rope)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn qk_norm_rope_generic(
     qkv: &Tensor,
     shape: AttentionShape,
     q_gamma: Option<&Tensor>,
     k_gamma: Option<&Tensor>,
     eps: f64,
-    positions: &[u32],
     layout: &SeqLayout,
     rope: &RopeTable,
 ) -> CResult<Tensor> {
@@ -683,7 +667,7 @@ fn qk_norm_rope_generic(
         .device_cache
         .get_or_build(dev, CacheKey::Rope { half }, || {
             let (cos_table, sin_table) = rope.on_device(dev)?;
-            let pos = Tensor::from_slice(positions, rows, dev)?;
+            let pos = Tensor::from_slice(&layout.positions, rows, dev)?;
             Ok(vec![
                 cos_table.index_select(&pos, 0)?.reshape((rows, 1, half))?,
                 sin_table.index_select(&pos, 0)?.reshape((rows, 1, half))?,
@@ -842,7 +826,6 @@ mod tests {
         let qkv = rand_tensor(&[11, shape.qkv_width()], 9);
         let rope = RopeTable::new(8, 10000.0, 16);
         let layout = SeqLayout::new(vec![(0, 3), (3, 7), (10, 1)]);
-        let positions = layout.positions();
         let qg = rand_tensor(&[8], 10);
         let kg = rand_tensor(&[8], 11);
         let fast = qk_norm_rope(
@@ -851,22 +834,12 @@ mod tests {
             Some(&qg),
             Some(&kg),
             1e-6,
-            &positions,
             &layout,
             &rope,
         )
         .unwrap();
-        let slow = qk_norm_rope_generic(
-            &qkv,
-            shape,
-            Some(&qg),
-            Some(&kg),
-            1e-6,
-            &positions,
-            &layout,
-            &rope,
-        )
-        .unwrap();
+        let slow =
+            qk_norm_rope_generic(&qkv, shape, Some(&qg), Some(&kg), 1e-6, &layout, &rope).unwrap();
         assert!(max_diff(&fast, &slow) < 1e-5);
     }
 }

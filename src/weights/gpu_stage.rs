@@ -8,7 +8,8 @@
 //! buffer before overwriting it; the host waits for an upload out of a pinned buffer to finish
 //! before refilling it.
 
-use super::{TensorEntry, TensorSource};
+use super::stream::LayerPlan;
+use super::{check_entry, TensorEntry, TensorSource};
 use crate::error::{GratingError, Result};
 use candle_core::cuda::cudarc::driver::{
     CudaEvent, CudaSlice, CudaStream, DeviceRepr, DriverError, PinnedHostSlice,
@@ -204,52 +205,30 @@ impl GpuStaging {
 pub struct StagedSource<'a> {
     pub link: &'a GpuLink,
     pub staging: &'a GpuStaging,
-    pub tensors: &'a [(String, TensorEntry)],
+    pub plan: &'a LayerPlan,
     pub dtype: DType,
 }
 
 impl TensorSource for StagedSource<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let mut off = 0;
-        for (n, e) in self.tensors {
-            if n == name {
-                if e.shape != shape {
-                    return Err(GratingError::ShapeMismatch {
-                        name: name.to_string(),
-                        expected: shape.to_vec(),
-                        found: e.shape.clone(),
-                    });
-                }
-                let t = match e.dtype {
-                    DType::F16 => self.staging.tensor_at::<half::f16>(self.link, off, e)?,
-                    DType::BF16 => self.staging.tensor_at::<half::bf16>(self.link, off, e)?,
-                    DType::F32 => self.staging.tensor_at::<f32>(self.link, off, e)?,
-                    other => {
-                        return Err(GratingError::UnsupportedDtype {
-                            name: name.to_string(),
-                            dtype: format!("{other:?}"),
-                        })
-                    }
-                };
-                return Ok(if e.dtype != self.dtype {
-                    t.to_dtype(self.dtype)?
-                } else {
-                    t
-                });
-            }
-            off += e.byte_len();
-        }
-        Err(GratingError::MissingTensor {
-            name: name.to_string(),
+        self.plan.get_with(name, |off, e| {
+            check_entry(name, e, shape)?;
+            let t = match e.dtype {
+                DType::F16 => self.staging.tensor_at::<half::f16>(self.link, off, e)?,
+                DType::BF16 => self.staging.tensor_at::<half::bf16>(self.link, off, e)?,
+                _ => self.staging.tensor_at::<f32>(self.link, off, e)?,
+            };
+            Ok(if e.dtype != self.dtype {
+                t.to_dtype(self.dtype)?
+            } else {
+                t
+            })
         })
     }
     fn contains(&self, name: &str) -> bool {
-        self.tensors.iter().any(|(n, _)| n == name)
+        self.plan.locate(name).is_some()
     }
     fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        self.tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, e)| e.shape.clone())
+        self.plan.shape_of(name)
     }
 }

@@ -307,15 +307,8 @@ pub trait TensorSource {
     }
 }
 
-/// Builds a tensor from its on-disk bytes, converting to `dtype` on `device`.
-pub fn tensor_from_bytes(
-    name: &str,
-    bytes: &[u8],
-    entry: &TensorEntry,
-    expected: &[usize],
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+/// Checks that checkpoint tensor `name` has the shape the model expects and a float dtype.
+pub fn check_entry(name: &str, entry: &TensorEntry, expected: &[usize]) -> Result<()> {
     if entry.shape != expected {
         return Err(GratingError::ShapeMismatch {
             name: name.to_string(),
@@ -329,6 +322,19 @@ pub fn tensor_from_bytes(
             dtype: format!("{:?}", entry.dtype),
         });
     }
+    Ok(())
+}
+
+/// Builds a tensor from its on-disk bytes, converting to `dtype` on `device`.
+pub fn tensor_from_bytes(
+    name: &str,
+    bytes: &[u8],
+    entry: &TensorEntry,
+    expected: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    check_entry(name, entry, expected)?;
     let t = Tensor::from_raw_buffer(bytes, entry.dtype, &entry.shape, &Device::Cpu)?;
     let t = if entry.dtype != dtype {
         t.to_dtype(dtype)?

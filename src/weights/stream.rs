@@ -20,6 +20,40 @@ pub struct LayerPlan {
     pub bytes: usize,
 }
 
+impl LayerPlan {
+    /// Tensor `name`'s byte offset in the layer's read buffer (tensors lie end to end in plan
+    /// order) and its entry.
+    pub fn locate(&self, name: &str) -> Option<(usize, &TensorEntry)> {
+        let mut off = 0;
+        for (n, e) in &self.tensors {
+            if n == name {
+                return Some((off, e));
+            }
+            off += e.byte_len();
+        }
+        None
+    }
+
+    /// [`TensorSource::get`] over a buffer of this plan: `build(offset, entry)` makes the
+    /// tensor once `name` is found.
+    pub(crate) fn get_with(
+        &self,
+        name: &str,
+        build: impl FnOnce(usize, &TensorEntry) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        match self.locate(name) {
+            Some((off, e)) => build(off, e),
+            None => Err(GratingError::MissingTensor {
+                name: name.to_string(),
+            }),
+        }
+    }
+
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.locate(name).map(|(_, e)| e.shape.clone())
+    }
+}
+
 /// The read plan of every layer: all tensors under the model's per-layer name prefix.
 pub fn layer_plans(index: &WeightIndex, model: &dyn RerankModel) -> Result<Vec<LayerPlan>> {
     (0..model.num_layers())
@@ -100,33 +134,22 @@ struct BufferSource<'a> {
 
 impl TensorSource for BufferSource<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let mut off = 0;
-        for (n, e) in &self.plan.tensors {
-            if n == name {
-                return tensor_from_bytes(
-                    name,
-                    &self.buf[off..off + e.byte_len()],
-                    e,
-                    shape,
-                    self.dtype,
-                    self.device,
-                );
-            }
-            off += e.byte_len();
-        }
-        Err(GratingError::MissingTensor {
-            name: name.to_string(),
+        self.plan.get_with(name, |off, e| {
+            tensor_from_bytes(
+                name,
+                &self.buf[off..off + e.byte_len()],
+                e,
+                shape,
+                self.dtype,
+                self.device,
+            )
         })
     }
     fn contains(&self, name: &str) -> bool {
-        self.plan.tensors.iter().any(|(n, _)| n == name)
+        self.plan.locate(name).is_some()
     }
     fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        self.plan
-            .tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, e)| e.shape.clone())
+        self.plan.shape_of(name)
     }
 }
 
@@ -256,7 +279,7 @@ impl LayerStream {
                 let src = super::gpu_stage::StagedSource {
                     link,
                     staging: g,
-                    tensors: &self.plans[layer].tensors,
+                    plan: &self.plans[layer],
                     dtype: self.dtype,
                 };
                 let block = model.load_layer(layer, &src)?;

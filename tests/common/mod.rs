@@ -79,6 +79,19 @@ pub fn read_reference(path: &std::path::Path) -> Vec<ReferenceRow> {
         .collect()
 }
 
+/// `(document index, logit)` of a request's answer, best first.
+pub fn ranked(
+    r: &grating::engine::Reranker,
+    req: &grating::engine::RerankRequest,
+) -> Vec<(usize, f32)> {
+    r.rerank(req, None)
+        .unwrap()
+        .ranked
+        .iter()
+        .map(|s| (s.index, s.logit))
+        .collect()
+}
+
 /// The device and dtype the engine tests run on: the CPU in f32 unless `GRATING_TEST_DEVICE`
 /// (e.g. `cuda:0`) and `GRATING_TEST_DTYPE` (f32, f16, bf16) say otherwise. The CUDA runs of
 /// the parity and mode tests on the GPU machine use these.
@@ -118,26 +131,44 @@ pub fn engine_options() -> grating::EngineOptions {
 /// so the f16 bound applies.
 pub fn logit_tolerance(reference: f32) -> f32 {
     let f16_weights = std::env::var("GRATING_TEST_WEIGHTS").is_ok_and(|w| w == "f16");
-    let (abs, rel) = match std::env::var("GRATING_TEST_DTYPE").as_deref() {
-        Ok("bf16") => (0.15, 0.05),
-        Ok("f16") => (0.03, 0.01),
+    logit_tolerance_for(test_dtype().as_deref(), on_gpu(), f16_weights, reference)
+}
+
+/// [`logit_tolerance`] for an explicit compute dtype (`None`: f32), device and weight copy.
+pub fn logit_tolerance_for(
+    dtype: Option<&str>,
+    gpu: bool,
+    f16_weights: bool,
+    reference: f32,
+) -> f32 {
+    let (abs, rel) = match dtype {
+        Some("bf16") => (0.15, 0.05),
+        Some("f16") => (0.03, 0.01),
         _ if f16_weights => (0.03, 0.01),
-        _ if std::env::var("GRATING_TEST_DEVICE").is_ok_and(|d| d.starts_with("cuda")) => {
-            (1e-3, 1e-4)
-        }
+        _ if gpu => (1e-3, 1e-4),
         _ => (1e-4, 0.0),
     };
     abs + rel * reference.abs()
+}
+
+/// `GRATING_TEST_DTYPE`, if set.
+fn test_dtype() -> Option<String> {
+    std::env::var("GRATING_TEST_DTYPE").ok()
+}
+
+/// Whether `GRATING_TEST_DEVICE` names a GPU.
+fn on_gpu() -> bool {
+    std::env::var("GRATING_TEST_DEVICE").is_ok_and(|d| d.starts_with("cuda"))
 }
 
 /// Allowed difference between two runs of the same model whose batches differ (other
 /// batch-mates, chunking, length buckets): exact math on the CPU, but a GPU picks GEMM
 /// algorithms by shape, so sums are ordered differently.
 pub fn batch_tolerance() -> f32 {
-    match std::env::var("GRATING_TEST_DTYPE").as_deref() {
-        Ok("bf16") => 0.1,
-        Ok("f16") => 0.02,
-        _ if std::env::var("GRATING_TEST_DEVICE").is_ok_and(|d| d.starts_with("cuda")) => 1e-3,
+    match test_dtype().as_deref() {
+        Some("bf16") => 0.1,
+        Some("f16") => 0.02,
+        _ if on_gpu() => 1e-3,
         _ => 1e-5,
     }
 }
