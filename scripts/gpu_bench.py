@@ -146,7 +146,7 @@ def hf_qwen3(model_dir, query, docs, repeats):
 
 
 def grating(binary, model_dir, query, docs_path, mode, weights, top_k, repeats, extra,
-            stream_chunk):
+            stream_chunk, env=None):
     # Resident: one batch / one chunk per layer, as a GPU wants large GEMMs. Streamed: the
     # memory-bounded configuration, smaller chunks (--stream-chunk-tokens).
     chunk = "65536" if weights == "resident" else str(stream_chunk)
@@ -154,7 +154,7 @@ def grating(binary, model_dir, query, docs_path, mode, weights, top_k, repeats, 
            "--query", query, "--docs", docs_path, "--mode", mode, "--weights", weights,
            "--top-k", str(top_k), "--repeats", str(repeats + 1), "--json", "--raw-scores",
            "--batch-size", "100000", "--chunk-tokens", chunk] + extra
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{p.stderr}")
     out = json.loads(p.stdout)
@@ -182,6 +182,9 @@ def main():
     ap.add_argument("--models", default="bert,qwen3")
     ap.add_argument("--stream-chunk-tokens", type=int, default=8192,
                     help="chunk size of the streamed-weights contenders")
+    ap.add_argument("--no-generic-row", action="store_true",
+                    help="skip the full-mode row that runs candle's generic GPU ops instead of "
+                         "grating's kernels (GRATING_GPU_GENERIC=all)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name(0)
@@ -206,16 +209,21 @@ def main():
                 f"padding {pad['share'] * 100:.0f}%")
             base = {"model": name, "n": n, "hf_ms": hf_lat * 1e3, "hf_peak_mib": hf_peak / 2**20,
                     "hf_padding_percent": pad["share"] * 100, "real_tokens": pad["tokens"]}
-            for mode, weights, extra in [("full", "resident", []),
-                                         ("grating", "resident", prune_extra),
-                                         ("grating", "stream", prune_extra),
-                                         ("full", "stream", [])]:
+            contenders = [("full", "resident", [], None),
+                          ("grating", "resident", prune_extra, None),
+                          ("grating", "stream", prune_extra, None),
+                          ("full", "stream", [], None)]
+            if not args.no_generic_row:
+                # The same binary with cuBLASLt GEMMs, flash attention and the fused norm
+                # switched back to candle's cuBLAS matmul, bucketed attention and generic ops.
+                contenders.append(("full", "resident", [], {"GRATING_GPU_GENERIC": "all"}))
+            for mode, weights, extra, env in contenders:
                 g = grating(args.grating, model_dir, query, docs_path, mode, weights,
-                            args.top_k, args.repeats, extra, args.stream_chunk_tokens)
+                            args.top_k, args.repeats, extra, args.stream_chunk_tokens, env)
                 row = dict(base)
                 useful_tflops = g["flops"] / g["compute"] / 1e12
                 row.update({
-                    "contender": f"{mode}@{weights}",
+                    "contender": f"{mode}@{weights}" + (" (generic ops)" if env else ""),
                     "grating_ms": g["latency"] * 1e3, "grating_compute_ms": g["compute"] * 1e3,
                     "latency_ratio": g["latency"] / hf_lat,
                     "grating_peak_mib": g["peak"] / 2**20, "peak_ratio": g["peak"] / hf_peak,
@@ -224,7 +232,7 @@ def main():
                     "saved_percent": g["saved_percent"],
                     "top_k_overlap_with_hf": len(set(g["top"]) & set(hf_top)) / args.top_k,
                 })
-                log(f"  {row['contender']:>17}: {row['grating_ms']:.1f} ms "
+                log(f"  {row['contender']:>31}: {row['grating_ms']:.1f} ms "
                     f"({row['latency_ratio']:.3f}x HF), peak {row['grating_peak_mib']:.0f} MiB "
                     f"({row['peak_ratio']:.3f}x), {useful_tflops:.0f} TFLOP/s useful, "
                     f"top-{args.top_k} overlap {row['top_k_overlap_with_hf']:.1f}")

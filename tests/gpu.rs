@@ -15,7 +15,7 @@ mod modes;
 #[path = "parity.rs"]
 mod parity;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use grating::engine::{EngineOptions, Mode, RerankRequest, Reranker, WeightsMode};
 use grating::prune::{PruneConfig, PruneMode};
 
@@ -188,4 +188,165 @@ fn streaming_lowers_peak_gpu_memory() {
         peaks[0], peaks[1]
     );
     assert!(peaks[1] < peaks[0], "{peaks:?}");
+}
+
+/// Deterministic values in [-2, 2) (a fixed LCG, so failures reproduce).
+fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+/// `t` rounded to `dtype` and back, on the CPU: the exact inputs a half-precision GPU run sees.
+fn rounded(t: &Tensor, dtype: DType) -> Tensor {
+    t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let b = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The flash attention kernel and the length-bucketed kernels against the CPU's f32 packed
+/// attention on the same (rounded) inputs: every head dim the kernel has, grouped-query and
+/// plain heads, causal and not, and sequence lengths around the 64-row tiles (1, 63, 64, 65,
+/// 129, 300). Bounds: bf16 0.03, f16 0.005 (the probabilities are rounded to the dtype before
+/// the PV product, and so is the output).
+#[test]
+fn flash_attention_matches_cpu_attention() {
+    use grating::ops::{attention_with, AttentionKernel, AttentionShape, SeqLayout};
+    let lens = [1usize, 7, 63, 64, 65, 129, 300, 17];
+    let mut spans = Vec::new();
+    let mut rows = 0;
+    for len in lens {
+        spans.push((rows, len));
+        rows += len;
+    }
+    let layout = SeqLayout::new(spans);
+    for (head_dim, n_heads, n_kv_heads) in [(32, 12, 12), (64, 4, 2), (128, 16, 8)] {
+        for causal in [false, true] {
+            let shape = AttentionShape {
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                causal,
+            };
+            let width = shape.qkv_width();
+            let qkv = Tensor::from_vec(
+                pseudo_random(rows * width, head_dim as u64),
+                (rows, width),
+                &Device::Cpu,
+            )
+            .unwrap();
+            for (dtype, bound) in [(DType::BF16, 0.03f32), (DType::F16, 0.005)] {
+                let exact = rounded(&qkv, dtype);
+                let reference =
+                    attention_with(&exact, &layout, shape, AttentionKernel::Auto).unwrap();
+                let on_gpu = qkv.to_dtype(dtype).unwrap().to_device(&gpu()).unwrap();
+                for kernel in [AttentionKernel::Flash, AttentionKernel::Bucketed] {
+                    let got = attention_with(&on_gpu, &layout, shape, kernel).unwrap();
+                    let d = max_abs_diff(&got, &reference);
+                    eprintln!("{kernel:?} dh {head_dim} heads {n_heads}/{n_kv_heads} causal {causal} {dtype:?}: {d:e}");
+                    assert!(
+                        d <= bound,
+                        "{kernel:?} dh {head_dim} causal {causal} {dtype:?}: {d}"
+                    );
+                }
+            }
+        }
+    }
+    // What the kernel cannot run is refused, not miscomputed.
+    let shape = AttentionShape {
+        n_heads: 2,
+        n_kv_heads: 2,
+        head_dim: 8,
+        causal: false,
+    };
+    let small = Tensor::zeros((rows, shape.qkv_width()), DType::BF16, &gpu()).unwrap();
+    assert!(attention_with(&small, &layout, shape, AttentionKernel::Flash).is_err());
+}
+
+/// cuBLASLt linear layers (with and without the bias epilogue) and the fused residual add +
+/// RMSNorm against the CPU's f32 ops on the same rounded inputs.
+#[test]
+fn lt_linear_and_fused_norm_match_cpu() {
+    use grating::ops::{add_rms_norm, linear};
+    let (m, k, n) = (1000, 384, 1152);
+    let cpu = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+    let x = cpu(pseudo_random(m * k, 1), &[m, k]);
+    let w = (cpu(pseudo_random(n * k, 2), &[n, k]) * 0.05).unwrap();
+    let b = cpu(pseudo_random(n, 3), &[n]);
+    for dtype in [DType::BF16, DType::F16] {
+        let g = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&gpu()).unwrap();
+        for bias in [None, Some(&b)] {
+            let want = linear(
+                &rounded(&x, dtype),
+                &rounded(&w, dtype),
+                bias.map(|b| rounded(b, dtype)).as_ref(),
+            )
+            .unwrap();
+            let got = linear(&g(&x), &g(&w), bias.map(g).as_ref()).unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_abs_diff(&got, &want);
+            eprintln!(
+                "linear {dtype:?} bias {}: {d:e} of max {scale}",
+                bias.is_some()
+            );
+            assert!(d <= 0.01 * scale, "linear {dtype:?}: {d} (max {scale})");
+        }
+        let gamma = cpu(pseudo_random(k, 4), &[k]);
+        let r = cpu(pseudo_random(m * k, 5), &[m, k]);
+        let (want, want_sum) = add_rms_norm(
+            &rounded(&x, dtype),
+            Some(&rounded(&r, dtype)),
+            &rounded(&gamma, dtype),
+            1e-6,
+        )
+        .unwrap();
+        let (got, got_sum) = add_rms_norm(&g(&x), Some(&g(&r)), &g(&gamma), 1e-6).unwrap();
+        let (d, ds) = (max_abs_diff(&got, &want), max_abs_diff(&got_sum, &want_sum));
+        eprintln!("add_rms_norm {dtype:?}: out {d:e}, sum {ds:e}");
+        // Values up to ~4 (sum) and ~8 (normed x gamma): a few units in the last place.
+        assert!(d <= 0.08 && ds <= 0.04, "add_rms_norm {dtype:?}: {d} {ds}");
+        let (plain, same) = add_rms_norm(&g(&x), None, &g(&gamma), 1e-6).unwrap();
+        let (want_plain, _) =
+            add_rms_norm(&rounded(&x, dtype), None, &rounded(&gamma, dtype), 1e-6).unwrap();
+        assert!(max_abs_diff(&plain, &want_plain) <= 0.08);
+        assert_eq!(max_abs_diff(&same, &g(&x)), 0.0);
+    }
 }

@@ -3,14 +3,19 @@
 //! that and otherwise use candle's generic ops.
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
+use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys as lt_sys};
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp1, InplaceOp2, Layout, Result, Shape,
-    Storage, Tensor,
+    bail, CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp1,
+    InplaceOp2, Layout, Result, Shape, Storage, Tensor,
 };
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "grating_kernels";
@@ -123,6 +128,37 @@ impl CustomOp1 for SiluMul {
         let rows = l.shape().elem_count() / (2 * self.inter);
         let out = dispatch!(s.dtype(), "silu_mul", run, s, l, self.inter)?;
         Ok((out, Shape::from((rows, self.inter))))
+    }
+}
+
+/// Exact (erf) GELU in place.
+pub struct GeluErf;
+
+impl InplaceOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "grating-gelu-erf"
+    }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        bail!("gelu_erf_inplace is a GPU kernel")
+    }
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+        fn run<T: CudaDType + DeviceRepr>(s: &mut CudaStorage, l: &Layout) -> Result<()> {
+            let dev = s.device().clone();
+            let dtype = s.dtype();
+            let Some((a, z)) = l.contiguous_offsets() else {
+                bail!("gelu: input must be contiguous")
+            };
+            let f = kernel!(&dev, "gelu_erf_inplace", dtype);
+            let x = s.as_cuda_slice_mut::<T>()?;
+            let mut x = x.slice_mut(a..z);
+            let mut b = f.builder();
+            b.arg(&mut x);
+            candle_core::builder_arg!(b, (z - a) as u32);
+            unsafe { b.launch(linear_launch(z - a)) }.w()?;
+            Ok(())
+        }
+        check_u32("gelu", l.shape().elem_count())?;
+        dispatch!(s.dtype(), "gelu_erf_inplace", run, s, l)
     }
 }
 
@@ -384,5 +420,571 @@ impl InplaceOp2 for AttnUnpack<'_> {
             bail!("attention unpack: dtype mismatch");
         }
         dispatch!(out.dtype(), "attn_unpack", run, self, out, lo, o, l)
+    }
+}
+
+/// `x + residual` stored into `sum` (a fresh tensor of x's shape that only this op writes),
+/// then RMSNorm with `gamma`; the op's output is the normalised rows. Without a residual,
+/// `sum` is not touched.
+pub struct AddRmsNorm<'a> {
+    pub residual: Option<&'a Tensor>,
+    pub gamma: &'a Tensor,
+    pub sum: &'a Tensor,
+    pub eps: f32,
+}
+
+impl CustomOp1 for AddRmsNorm<'_> {
+    fn name(&self) -> &'static str {
+        "grating-add-rms-norm"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            op: &AddRmsNorm<'_>,
+            s: &CudaStorage,
+            l: &Layout,
+            d: usize,
+        ) -> Result<CudaStorage> {
+            let dev = s.device();
+            let n = l.shape().elem_count();
+            let x = view::<T>(s, l)?;
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let f = kernel!(dev, "add_rms_norm", s.dtype());
+            let (gamma, sum) = (Operand::of(op.gamma), Operand::of(op.sum));
+            let residual = op.residual.map(Operand::of);
+            let (gamma, sum) = (gamma.view::<T>()?, sum.view::<T>()?);
+            let residual = residual.as_ref().map(|r| r.view::<T>()).transpose()?;
+            if sum.len() != n || residual.as_ref().is_some_and(|r| r.len() != n) {
+                bail!("add_rms_norm: operand sizes differ");
+            }
+            let mut b = f.builder();
+            b.arg(&x);
+            // A null residual pointer tells the kernel there is none.
+            let null: u64 = 0;
+            match &residual {
+                Some(r) => b.arg(r),
+                None => b.arg(&null),
+            };
+            b.arg(&gamma);
+            b.arg(&out);
+            b.arg(&sum);
+            candle_core::builder_arg!(b, d as i32, op.eps);
+            let cfg = LaunchConfig {
+                grid_dim: ((n / d) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        let d = *l.dims().last().unwrap_or(&0);
+        if d == 0 || self.gamma.elem_count() != d {
+            bail!("add_rms_norm: weight does not match the rows");
+        }
+        let out = dispatch!(s.dtype(), "add_rms_norm", run, self, s, l, d)?;
+        Ok((out, l.shape().clone()))
+    }
+}
+
+/// Head dimensions the flash attention kernel is instantiated for.
+pub const FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
+/// Query rows per flash attention block (the tile table's granularity).
+pub const FLASH_QUERY_TILE: usize = 64;
+
+/// Flash attention over the packed sequences of a fused qkv projection, into packed
+/// `[rows, nh * dh]` output. `tiles` is a u32 device tensor of (first row, length, first query
+/// row) per query tile of [`FLASH_QUERY_TILE`] rows.
+pub struct FlashAttention<'a> {
+    pub tiles: &'a Tensor,
+    pub n_tiles: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+}
+
+impl CustomOp1 for FlashAttention<'_> {
+    fn name(&self) -> &'static str {
+        "grating-flash-attention"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + DeviceRepr>(
+            op: &FlashAttention<'_>,
+            s: &CudaStorage,
+            l: &Layout,
+            rows: usize,
+        ) -> Result<CudaStorage> {
+            let dev = s.device();
+            let suffix = if s.dtype() == DType::BF16 {
+                "bf16"
+            } else {
+                "f16"
+            };
+            let name = format!("flash_attn_d{}_{suffix}", op.head_dim);
+            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let src = view::<T>(s, l)?;
+            let out = unsafe { dev.alloc::<T>(rows * op.n_heads * op.head_dim)? };
+            let tiles = Operand::of(op.tiles);
+            let tiles = tiles.view::<u32>()?;
+            let scale_log2 = std::f32::consts::LOG2_E / (op.head_dim as f32).sqrt();
+            let mut b = f.builder();
+            b.arg(&src);
+            b.arg(&out);
+            b.arg(&tiles);
+            candle_core::builder_arg!(
+                b,
+                op.n_heads as i32,
+                op.n_kv_heads as i32,
+                scale_log2,
+                op.causal as i32
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (op.n_tiles as u32, op.n_heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        if !FLASH_HEAD_DIMS.contains(&self.head_dim) || self.n_heads % self.n_kv_heads != 0 {
+            bail!("flash attention: head dim {} unsupported", self.head_dim);
+        }
+        // The kernel loads 16-byte chunks of k and v rows.
+        if (l.start_offset() * s.dtype().size_in_bytes()) % 16 != 0 {
+            bail!("flash attention: qkv is not 16-byte aligned");
+        }
+        if self.n_tiles == 0 || self.n_tiles >= u32::MAX as usize || self.n_heads > 65535 {
+            bail!("flash attention: {} query tiles", self.n_tiles);
+        }
+        let rows = l.dims()[0];
+        let out = match s.dtype() {
+            DType::F16 => run::<half::f16>(self, s, l, rows)?,
+            DType::BF16 => run::<half::bf16>(self, s, l, rows)?,
+            d => bail!("flash attention: no kernel for {d:?}"),
+        };
+        Ok((out, Shape::from((rows, self.n_heads * self.head_dim))))
+    }
+}
+
+/// cuBLASLt's scratch space, allocated per GEMM from the device's stream-ordered pool (so it
+/// exists only while a GEMM runs and counts in the reported peak). 1 MiB is PyTorch's
+/// long-standing cuBLASLt default; the large-M GEMMs of a reranker keep their fast kernels.
+const LT_WORKSPACE_BYTES: usize = 1 << 20;
+
+/// (row-count bucket, n, k, dtype, with bias) of a GEMM.
+type GemmKey = (u64, u64, u64, DType, bool);
+
+/// Workspace limit offered to the heuristic for GEMMs of at least [`AUTOTUNE_MIN_FLOP`]: it
+/// exists only while such a GEMM runs, next to an output of hundreds of MiB.
+const LT_BIG_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// GEMMs this large are autotuned: the heuristic's first pick ran the Qwen3-0.6B qkv
+/// projection (33k x 1024 x 4096) at 165 TFLOP/s on an H100 where other candidates it lists
+/// run at 3-4x that. Each of up to 8 candidates is timed once per shape bucket.
+const AUTOTUNE_MIN_FLOP: usize = 1 << 33;
+
+fn autotune_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GRATING_LT_AUTOTUNE").map_or(true, |v| v != "0"))
+}
+
+/// Row counts share a tuned algorithm within a quarter of a power of two: requests differ in
+/// row counts, and tuning each exact count would cost more than it gains.
+fn m_bucket(m: usize) -> usize {
+    if m <= 64 {
+        return m;
+    }
+    let step = 1usize << (usize::BITS - 1 - m.leading_zeros() - 2);
+    m.div_ceil(step) * step
+}
+
+/// An algorithm and the workspace it asked for.
+#[derive(Clone, Copy)]
+struct LtChoice {
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+    workspace: usize,
+}
+
+/// Up to `count` algorithms for the described GEMM, best first by the heuristic.
+fn lt_heuristics(
+    handle: lt_sys::cublasLtHandle_t,
+    desc: lt_sys::cublasLtMatmulDesc_t,
+    [a, b, c]: [lt_sys::cublasLtMatrixLayout_t; 3],
+    workspace_limit: usize,
+    count: usize,
+) -> Result<Vec<LtChoice>> {
+    let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
+    let pref = LtGuard(pref, lt::destroy_matmul_pref);
+    unsafe {
+        lt::set_matmul_pref_attribute(
+            pref.0,
+            lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&workspace_limit) as *const _ as *const _,
+            std::mem::size_of_val(&workspace_limit),
+        )
+    }
+    .map_err(|e| lt_err("preference", e))?;
+    // Plain data, filled in by the call.
+    let mut results: Vec<lt_sys::cublasLtMatmulHeuristicResult_t> =
+        vec![unsafe { std::mem::zeroed() }; count.max(1)];
+    let mut found = 0i32;
+    unsafe {
+        lt_sys::cublasLtMatmulAlgoGetHeuristic(
+            handle,
+            desc,
+            a,
+            b,
+            c,
+            c,
+            pref.0,
+            results.len() as i32,
+            results.as_mut_ptr(),
+            &mut found,
+        )
+    }
+    .result()
+    .map_err(|e| lt_err("heuristic", e))?;
+    let choices: Vec<LtChoice> = results[..found.max(0) as usize]
+        .iter()
+        .filter(|r| r.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+        .map(|r| LtChoice {
+            algo: r.algo,
+            workspace: r.workspaceSize,
+        })
+        .collect();
+    if choices.is_empty() {
+        bail!("cuBLASLt has no algorithm for this GEMM");
+    }
+    Ok(choices)
+}
+
+/// Times each candidate (one warm-up run, then two timed runs, on the real operands) and
+/// returns the fastest. Candidates that fail to run are skipped.
+fn fastest(
+    stream: &Arc<CudaStream>,
+    candidates: &[LtChoice],
+    run: &dyn Fn(&LtChoice) -> Result<()>,
+) -> Result<LtChoice> {
+    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let mut best: Option<(f32, LtChoice)> = None;
+    let mut times = Vec::new();
+    for c in candidates {
+        if run(c).is_err() {
+            continue;
+        }
+        let start = stream.record_event(timing).w()?;
+        run(c)?;
+        run(c)?;
+        let end = stream.record_event(timing).w()?;
+        let ms = start.elapsed_ms(&end).w()?;
+        times.push(ms);
+        if best.is_none_or(|(b, _)| ms < b) {
+            best = Some((ms, *c));
+        }
+    }
+    tracing::debug!(
+        ?times,
+        "cuBLASLt autotune (ms per two runs, heuristic order)"
+    );
+    best.map(|b| b.1)
+        .ok_or_else(|| candle_core::Error::Msg("cuBLASLt: no candidate algorithm ran".into()))
+}
+
+/// A cuBLASLt handle for one device and the algorithm the heuristic picked per GEMM shape
+/// (querying it costs more than a small GEMM).
+struct LtHandle {
+    handle: lt_sys::cublasLtHandle_t,
+    algos: Mutex<HashMap<GemmKey, LtChoice>>,
+}
+
+// cuBLASLt handles may be shared between threads; the work is ordered by the device's stream.
+unsafe impl Send for LtHandle {}
+unsafe impl Sync for LtHandle {}
+
+impl Drop for LtHandle {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+/// Destroys a cuBLASLt descriptor when dropped.
+struct LtGuard<T: Copy>(T, unsafe fn(T) -> std::result::Result<(), lt::CublasError>);
+
+impl<T: Copy> Drop for LtGuard<T> {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = (self.1)(self.0);
+        }
+    }
+}
+
+fn lt_err(what: &str, e: lt::CublasError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuBLASLt {what}: {e:?}"))
+}
+
+/// The handle of `dev`. Entries of devices that were dropped (their cuBLAS handle is gone)
+/// are released here, so creating devices over and over does not accumulate handles.
+fn lt_handle(dev: &CudaDevice) -> Result<Arc<LtHandle>> {
+    type Entry = (DeviceId, Weak<CudaBlas>, Arc<LtHandle>);
+    static HANDLES: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    let mut handles = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
+    handles.retain(|(_, alive, _)| alive.strong_count() > 0);
+    if let Some((_, _, h)) = handles.iter().find(|(id, _, _)| *id == dev.id()) {
+        return Ok(h.clone());
+    }
+    let handle = lt::create_handle().map_err(|e| lt_err("handle", e))?;
+    let h = Arc::new(LtHandle {
+        handle,
+        algos: Mutex::new(HashMap::new()),
+    });
+    handles.push((dev.id(), Arc::downgrade(&dev.cublas_handle()), h.clone()));
+    Ok(h)
+}
+
+/// `x [.., in] · w[out, in]^T (+ b)` through cuBLASLt, as PyTorch issues its linear layers:
+/// candle's strided-batched cuBLAS call reached a quarter of PyTorch's throughput on some
+/// shapes. f16 and bf16 only (cuBLASLt would run f32 in TF32); f32 accumulation, the bias in
+/// the epilogue. Operands must start 256-byte aligned (the heuristic assumes it).
+pub struct LtLinear;
+
+fn lt_linear<T: CudaDType + DeviceRepr>(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let dev = x.0.device();
+    let dtype = x.0.dtype();
+    let data_type = match dtype {
+        DType::F16 => lt_sys::cudaDataType_t::CUDA_R_16F,
+        DType::BF16 => lt_sys::cudaDataType_t::CUDA_R_16BF,
+        d => bail!("cuBLASLt linear: {d:?} is not f16/bf16"),
+    };
+    let (out_dim, k) = w.1.shape().dims2()?;
+    let dims = x.1.dims();
+    if dims.last() != Some(&k) || k == 0 || out_dim == 0 {
+        bail!("linear: input {dims:?} does not match weight {out_dim}x{k}");
+    }
+    let m = x.1.shape().elem_count() / k;
+    let xv = view::<T>(x.0, x.1)?;
+    let wv = view::<T>(w.0, w.1)?;
+    let bv = match b {
+        Some((s, l)) if l.shape().elem_count() == out_dim => Some(view::<T>(s, l)?),
+        Some(_) => bail!("linear: bias does not match weight {out_dim}x{k}"),
+        None => None,
+    };
+    let mut out = unsafe { dev.alloc::<T>(m.max(1) * out_dim)? };
+    let mut shape = dims.to_vec();
+    *shape.last_mut().unwrap() = out_dim;
+    if m == 0 {
+        return Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(shape),
+        ));
+    }
+    let lt = lt_handle(dev)?;
+    let stream = dev.cuda_stream();
+    // Row-major y[m, out] = x[m, k] · w[out, k]^T is, column-major, y^T (out x m) =
+    // op(A) B with A = w read as a k x out matrix and transposed, B = x read as k x m.
+    let layout = |rows: usize, cols: usize, ld: usize| -> Result<LtGuard<_>> {
+        let l = lt::create_matrix_layout(data_type, rows as u64, cols as u64, ld as i64)
+            .map_err(|e| lt_err("layout", e))?;
+        Ok(LtGuard(l, lt::destroy_matrix_layout))
+    };
+    let (a_l, b_l, c_l) = (
+        layout(k, out_dim, k)?,
+        layout(k, m, k)?,
+        layout(out_dim, m, out_dim)?,
+    );
+    let desc = lt::create_matmul_desc(
+        lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        lt_sys::cudaDataType_t::CUDA_R_32F,
+    )
+    .map_err(|e| lt_err("descriptor", e))?;
+    let desc = LtGuard(desc, lt::destroy_matmul_desc);
+    let set = |attr: lt_sys::cublasLtMatmulDescAttributes_t, ptr: *const std::ffi::c_void, n| {
+        unsafe { lt::set_matmul_desc_attribute(desc.0, attr, ptr, n) }
+            .map_err(|e| lt_err("attribute", e))
+    };
+    let trans: i32 = 1; // CUBLAS_OP_T
+    set(
+        lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+        (&trans) as *const _ as *const _,
+        std::mem::size_of_val(&trans),
+    )?;
+    let (bias_ptr, _bias_sync) = match &bv {
+        Some(v) => {
+            let (p, g) = v.device_ptr(&stream);
+            (Some(p), Some(g))
+        }
+        None => (None, None),
+    };
+    if let Some(p) = &bias_ptr {
+        let epilogue = lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        set(
+            lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            (&epilogue) as *const _ as *const _,
+            std::mem::size_of_val(&epilogue),
+        )?;
+        set(
+            lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+            p as *const _ as *const _,
+            std::mem::size_of_val(p),
+        )?;
+    }
+    let big = 2 * m_bucket(m) * out_dim * k >= AUTOTUNE_MIN_FLOP;
+    let key = (
+        m_bucket(m) as u64,
+        out_dim as u64,
+        k as u64,
+        dtype,
+        bias_ptr.is_some(),
+    );
+    let (wp, w_sync) = wv.device_ptr(&stream);
+    let (xp, x_sync) = xv.device_ptr(&stream);
+    let (yp, y_sync) = out.device_ptr_mut(&stream);
+    let run = |choice: &LtChoice| -> Result<()> {
+        let (alpha, beta) = (1f32, 0f32);
+        // Freed (stream-ordered) right after the GEMM is queued.
+        let workspace = unsafe { dev.alloc::<u8>(choice.workspace.max(1))? };
+        let (wsp, _ws_sync) = workspace.device_ptr(&stream);
+        unsafe {
+            lt::matmul(
+                lt.handle,
+                desc.0,
+                (&alpha) as *const f32 as *const _,
+                (&beta) as *const f32 as *const _,
+                wp as *const _,
+                a_l.0,
+                xp as *const _,
+                b_l.0,
+                yp as *const _,
+                c_l.0,
+                yp as *mut _,
+                c_l.0,
+                &choice.algo,
+                wsp as *mut _,
+                choice.workspace,
+                stream.cu_stream() as *mut _,
+            )
+        }
+        .map_err(|e| lt_err("matmul", e))
+    };
+    let heuristics = |count: usize| -> Result<Vec<LtChoice>> {
+        let limit = if big {
+            LT_BIG_WORKSPACE_BYTES
+        } else {
+            LT_WORKSPACE_BYTES
+        };
+        lt_heuristics(lt.handle, desc.0, [a_l.0, b_l.0, c_l.0], limit, count)
+    };
+    let cached = lt
+        .algos
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .copied();
+    match cached {
+        // Chosen for another row count of the same bucket: if it does not apply to this
+        // one, the heuristic's pick for the exact shape does.
+        Some(choice) => {
+            if run(&choice).is_err() {
+                run(&heuristics(1)?[0])?;
+            }
+        }
+        None => {
+            let candidates = heuristics(if big && autotune_enabled() { 8 } else { 1 })?;
+            let choice = if candidates.len() > 1 {
+                fastest(&stream, &candidates, &run)?
+            } else {
+                candidates[0]
+            };
+            run(&choice)?;
+            let mut algos = lt.algos.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded, though row-count buckets keep the number of keys small.
+            if algos.len() >= 4096 {
+                algos.clear();
+            }
+            algos.insert(key, choice);
+        }
+    }
+    drop((w_sync, x_sync, y_sync));
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from(shape),
+    ))
+}
+
+fn lt_dispatch(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: Option<(&CudaStorage, &Layout)>,
+) -> Result<(CudaStorage, Shape)> {
+    if w.0.dtype() != x.0.dtype() || b.is_some_and(|b| b.0.dtype() != x.0.dtype()) {
+        bail!("linear: operand dtypes differ");
+    }
+    match x.0.dtype() {
+        DType::F16 => lt_linear::<half::f16>(x, w, b),
+        DType::BF16 => lt_linear::<half::bf16>(x, w, b),
+        d => bail!("cuBLASLt linear: {d:?} is not f16/bf16"),
+    }
+}
+
+impl CustomOp2 for LtLinear {
+    fn name(&self) -> &'static str {
+        "grating-lt-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu("grating-lt-linear")
+    }
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        lt_dispatch((xs, xl), (ws, wl), None)
+    }
+}
+
+impl CustomOp3 for LtLinear {
+    fn name(&self) -> &'static str {
+        "grating-lt-linear-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu("grating-lt-linear")
+    }
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        lt_dispatch((xs, xl), (ws, wl), Some((bs, bl)))
     }
 }

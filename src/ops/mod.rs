@@ -95,8 +95,69 @@ fn linear_cpu(
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
     match linear_cpu(x, w, b)? {
         Some((out, rows, cols)) => cpu_tensor(out, (rows, cols)),
-        None => linear_generic(x, w, b),
+        None => linear_device(x, w, b),
     }
+}
+
+/// A linear layer off the CPU fast path: cuBLASLt for half-precision CUDA tensors, candle's
+/// matmul otherwise.
+fn linear_device(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let same = |t: &Tensor| t.dtype() == x.dtype() && lt_operand(t);
+        if same(x) && same(w) && b.is_none_or(same) && gpu_path_enabled(GpuPath::Gemm) {
+            return match b {
+                Some(b) => x.apply_op3_no_bwd(w, b, &cuda::LtLinear),
+                None => x.apply_op2_no_bwd(w, &cuda::LtLinear),
+            };
+        }
+    }
+    linear_generic(x, w, b)
+}
+
+/// The GPU code paths that can be switched back to candle's generic ops, for comparison:
+/// `GRATING_GPU_GENERIC=gemm,attention,norm` (any subset; `all` for every one).
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuPath {
+    /// cuBLASLt linear layers (otherwise candle's cuBLAS matmul).
+    Gemm,
+    /// Flash attention (otherwise the length-bucketed kernels).
+    Attention,
+    /// Fused residual add + RMSNorm (otherwise candle's add and norm).
+    Norm,
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_path_enabled(path: GpuPath) -> bool {
+    static OFF: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let off = OFF.get_or_init(|| {
+        std::env::var("GRATING_GPU_GENERIC")
+            .unwrap_or_default()
+            .split(',')
+            .map(|p| p.trim().to_ascii_lowercase())
+            .filter(|p| !p.is_empty())
+            .collect()
+    });
+    let name = match path {
+        GpuPath::Gemm => "gemm",
+        GpuPath::Attention => "attention",
+        GpuPath::Norm => "norm",
+    };
+    !off.iter().any(|p| p == name || p == "all")
+}
+
+/// A contiguous f16/bf16 CUDA tensor (what cuBLASLt and the tensor-core kernels take).
+#[cfg(feature = "cuda")]
+fn half_gpu(t: &Tensor) -> bool {
+    fused_gpu(t) && matches!(t.dtype(), DType::F16 | DType::BF16)
+}
+
+/// A [`half_gpu`] tensor starting 256 bytes into an allocation or a multiple of that: the
+/// alignment cuBLASLt's algorithm heuristic assumes unless told otherwise.
+#[cfg(feature = "cuda")]
+fn lt_operand(t: &Tensor) -> bool {
+    half_gpu(t) && (t.layout().start_offset() * t.dtype().size_in_bytes()) % 256 == 0
 }
 
 /// `gelu(linear(x, w, b))`, fused on the CPU so the wide intermediate exists once.
@@ -106,7 +167,16 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> CResult<Tensor
             cpu::gelu_erf(&mut out);
             cpu_tensor(out, (rows, cols))
         }
-        None => gelu(linear_generic(x, w, b)?),
+        None => {
+            let y = linear_device(x, w, b)?;
+            #[cfg(feature = "cuda")]
+            if fused_gpu(&y) {
+                // In place: the intermediate activation exists once.
+                y.inplace_op1(&cuda::GeluErf)?;
+                return Ok(y);
+            }
+            gelu(y)
+        }
     }
 }
 
@@ -205,6 +275,35 @@ pub fn add_rms_norm(
             Some(None) => {}
         }
     }
+    #[cfg(feature = "cuda")]
+    if fused_gpu(x)
+        && residual.is_none_or(|r| fused_gpu(r) && r.dtype() == x.dtype() && r.dims() == x.dims())
+        && gpu_path_enabled(GpuPath::Norm)
+    {
+        let gamma = gamma.to_dtype(x.dtype())?;
+        return match residual {
+            Some(r) => {
+                // Safety: every element of `sum` is written by the kernel before any read.
+                let sum = unsafe { Tensor::empty(x.shape(), x.dtype(), x.device())? };
+                let normed = x.apply_op1_no_bwd(&cuda::AddRmsNorm {
+                    residual: Some(r),
+                    gamma: &gamma,
+                    sum: &sum,
+                    eps: eps as f32,
+                })?;
+                Ok((normed, sum))
+            }
+            None => {
+                let normed = x.apply_op1_no_bwd(&cuda::AddRmsNorm {
+                    residual: None,
+                    gamma: &gamma,
+                    sum: x,
+                    eps: eps as f32,
+                })?;
+                Ok((normed, x.clone()))
+            }
+        };
+    }
     let sum = match residual {
         Some(r) => (x + r)?,
         None => x.clone(),
@@ -259,6 +358,9 @@ enum CacheKey {
     /// Each row's position, u32 (the fused GPU rotary kernel).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     Positions,
+    /// (first row, length, first query row) per flash attention query tile, u32.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    FlashTiles,
 }
 
 /// Tensors cached per (device, key). Clones share the cache; a layout is rebuilt (with an
@@ -323,9 +425,88 @@ pub fn attention(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> CRe
     }
     #[cfg(feature = "cuda")]
     if fused_gpu(qkv) && shape.n_heads % shape.n_kv_heads.max(1) == 0 {
+        if flash_applies(qkv, shape) && gpu_path_enabled(GpuPath::Attention) {
+            return attention_flash(qkv, layout, shape);
+        }
         return attention_cuda(qkv, layout, shape);
     }
     attention_generic(qkv, layout, shape)
+}
+
+/// Which attention implementation [`attention_with`] runs (tests compare them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// What [`attention`] picks for the tensor's device and dtype.
+    Auto,
+    /// candle's generic ops over length buckets (any device).
+    Generic,
+    /// The length-bucketed GPU kernels with cuBLAS GEMMs.
+    #[cfg(feature = "cuda")]
+    Bucketed,
+    /// The tensor-core flash kernel (f16/bf16, head dims 32, 64, 128).
+    #[cfg(feature = "cuda")]
+    Flash,
+}
+
+/// [`attention`] with a chosen implementation; an inapplicable choice is an error.
+pub fn attention_with(
+    qkv: &Tensor,
+    layout: &SeqLayout,
+    shape: AttentionShape,
+    kernel: AttentionKernel,
+) -> CResult<Tensor> {
+    match kernel {
+        AttentionKernel::Auto => attention(qkv, layout, shape),
+        AttentionKernel::Generic => attention_generic(qkv, layout, shape),
+        #[cfg(feature = "cuda")]
+        AttentionKernel::Bucketed => attention_cuda(qkv, layout, shape),
+        #[cfg(feature = "cuda")]
+        AttentionKernel::Flash => attention_flash(qkv, layout, shape),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn flash_applies(qkv: &Tensor, shape: AttentionShape) -> bool {
+    half_gpu(qkv) && cuda::FLASH_HEAD_DIMS.contains(&shape.head_dim)
+}
+
+/// Flash attention straight over the packed rows (see `flash_attn` in kernels.cu). Query
+/// tiles are ordered longest sequence first so the costliest blocks start earliest.
+#[cfg(feature = "cuda")]
+fn attention_flash(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> CResult<Tensor> {
+    if !flash_applies(qkv, shape) {
+        candle_core::bail!(
+            "flash attention needs a contiguous f16/bf16 CUDA tensor and head dim in {:?}",
+            cuda::FLASH_HEAD_DIMS
+        );
+    }
+    let dev = qkv.device();
+    let tile = cuda::FLASH_QUERY_TILE;
+    let tiles = layout
+        .device_cache
+        .get_or_build(dev, CacheKey::FlashTiles, || {
+            let mut order: Vec<&(usize, usize)> = layout.spans.iter().collect();
+            order.sort_by_key(|s| std::cmp::Reverse(s.1));
+            let mut t: Vec<u32> = Vec::new();
+            for &&(start, len) in &order {
+                for m0 in (0..len).step_by(tile).rev() {
+                    t.extend([start as u32, len as u32, m0 as u32]);
+                }
+            }
+            Ok(vec![Tensor::new(t.as_slice(), dev)?])
+        })?;
+    let n_tiles = tiles[0].elem_count() / 3;
+    if n_tiles == 0 {
+        return Tensor::zeros((0, shape.out_width()), qkv.dtype(), dev);
+    }
+    qkv.apply_op1_no_bwd(&cuda::FlashAttention {
+        tiles: &tiles[0],
+        n_tiles,
+        n_heads: shape.n_heads,
+        n_kv_heads: shape.n_kv_heads,
+        head_dim: shape.head_dim,
+        causal: shape.causal,
+    })
 }
 
 /// Padded tokens a length bucket may add, as a share of its real tokens.

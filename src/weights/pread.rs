@@ -249,40 +249,47 @@ impl RowCache {
             .unwrap_or((0, 0))
     }
 
-    fn read_row(&self, id: u32, out: &mut [f32]) -> Result<()> {
+    /// Reads the rows `ids` (sorted, unique) into `out` (`ids.len() x dim`). Nearby rows are
+    /// read together: a request's tokens cluster in the vocabulary, and one `pread` per row
+    /// cost more than the bytes of the gaps between them.
+    fn read_rows(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
         let esz = self.entry.dtype.size_in_bytes();
-        let mut buf = vec![0u8; self.dim * esz];
-        let at = self.entry.start + (id as u64) * (self.dim * esz) as u64;
-        self.files.read_at(
-            self.entry.file,
-            at,
-            &mut buf,
-            &format!("row {id} of `{}`", self.name),
-        )?;
-        match self.entry.dtype {
-            DType::F32 => {
-                for (o, c) in out.iter_mut().zip(buf.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
+        let row_bytes = self.dim * esz;
+        let mut buf = Vec::new();
+        let mut i = 0;
+        while i < ids.len() {
+            let first = ids[i];
+            let mut j = i + 1;
+            while j < ids.len()
+                && ids[j] - ids[j - 1] <= ROW_READ_GAP
+                && (ids[j] - first + 1) as usize * row_bytes <= ROW_READ_BYTES
+            {
+                j += 1;
             }
-            DType::F16 => {
-                for (o, c) in out.iter_mut().zip(buf.chunks_exact(2)) {
-                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
-                }
+            let span = (ids[j - 1] - first + 1) as usize;
+            buf.resize(span * row_bytes, 0);
+            let at = self.entry.start + first as u64 * row_bytes as u64;
+            self.files.read_at(
+                self.entry.file,
+                at,
+                &mut buf,
+                &format!("rows {first}..={} of `{}`", ids[j - 1], self.name),
+            )?;
+            for (k, &id) in ids[i..j].iter().enumerate() {
+                let src = &buf[(id - first) as usize * row_bytes..][..row_bytes];
+                let dst = &mut out[(i + k) * self.dim..][..self.dim];
+                decode_row(self.entry.dtype, src, dst);
             }
-            DType::BF16 => {
-                for (o, c) in out.iter_mut().zip(buf.chunks_exact(2)) {
-                    *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
-                }
-            }
-            _ => unreachable!("dtype checked at construction"),
+            i = j;
         }
         Ok(())
     }
 
-    /// Rows for `ids`, reading the unique misses once; least recently used rows are evicted
-    /// when the cache is full. A request using more unique tokens than the capacity still gets
-    /// its rows (the overflow is read but not kept).
+    /// Rows for `ids`: the unique ids are gathered on the host (misses read in coalesced
+    /// ranges), uploaded once, and expanded to one row per id on the device. When the cache
+    /// is full, least recently used rows not needed by this request make room; a request
+    /// using more unique tokens than the capacity still gets its rows (the overflow is read
+    /// but not kept).
     pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.vocab) {
             return Err(GratingError::InvalidInput(format!(
@@ -291,64 +298,181 @@ impl RowCache {
             )));
         }
         let d = self.dim;
-        let mut st = self.state.lock().expect("embedding cache lock");
-        st.stamp += 1;
-        let stamp = st.stamp;
         let mut unique: Vec<u32> = ids.to_vec();
         unique.sort_unstable();
         unique.dedup();
-        // Overflow rows of this request that could not get a slot.
-        let mut overflow: HashMap<u32, Vec<f32>> = HashMap::new();
-        let mut row = vec![0f32; d];
-        for &id in &unique {
-            if let Some(e) = st.slots.get_mut(&id) {
-                e.1 = stamp;
-                st.hits += 1;
-                continue;
+        let mut table = vec![0f32; unique.len() * d];
+        let mut st = self.state.lock().expect("embedding cache lock");
+        st.stamp += 1;
+        let stamp = st.stamp;
+        let mut misses = Vec::new();
+        for (u, &id) in unique.iter().enumerate() {
+            match st.slots.get_mut(&id) {
+                Some(e) => {
+                    e.1 = stamp;
+                    let s = e.0;
+                    table[u * d..(u + 1) * d].copy_from_slice(&st.data[s * d..(s + 1) * d]);
+                }
+                None => misses.push(u),
             }
-            st.misses += 1;
-            self.read_row(id, &mut row)?;
-            let slot = if st.slots.len() < self.capacity {
-                let s = st.slots.len();
-                st.data.resize((s + 1) * d, 0.0);
-                Some(s)
-            } else {
-                // Evict the least recently used row not needed by this request.
-                let victim = st
+        }
+        st.hits += (unique.len() - misses.len()) as u64;
+        st.misses += misses.len() as u64;
+        if !misses.is_empty() {
+            let miss_ids: Vec<u32> = misses.iter().map(|&u| unique[u]).collect();
+            let mut fresh = vec![0f32; misses.len() * d];
+            self.read_rows(&miss_ids, &mut fresh)?;
+            // Free slots first, then the least recently used rows this request does not use.
+            let free = self.capacity - st.slots.len();
+            let mut victims: Vec<(u64, u32)> = Vec::new();
+            if misses.len() > free {
+                victims = st
                     .slots
                     .iter()
                     .filter(|(_, v)| v.1 != stamp)
-                    .min_by_key(|(_, v)| v.1)
-                    .map(|(k, v)| (*k, v.0));
-                victim.map(|(k, s)| {
-                    st.slots.remove(&k);
-                    s
-                })
-            };
-            match slot {
-                Some(s) => {
-                    st.data[s * d..(s + 1) * d].copy_from_slice(&row);
-                    st.slots.insert(id, (s, stamp));
+                    .map(|(k, v)| (v.1, *k))
+                    .collect();
+                let want = (misses.len() - free).min(victims.len());
+                if want < victims.len() {
+                    victims.select_nth_unstable(want);
                 }
-                None => {
-                    overflow.insert(id, row.clone());
+                victims.truncate(want);
+            }
+            // A stack: free slots pop first, lowest first, so occupied slots stay 0..len
+            // (which is what makes `len..capacity` the free ones), then the victims' slots.
+            let mut slots: Vec<usize> = Vec::new();
+            for (_, id) in victims {
+                if let Some((s, _)) = st.slots.remove(&id) {
+                    slots.push(s);
                 }
             }
-        }
-        let mut out = Vec::with_capacity(ids.len() * d);
-        for id in ids {
-            match st.slots.get(id) {
-                Some(&(s, _)) => out.extend_from_slice(&st.data[s * d..(s + 1) * d]),
-                None => out.extend_from_slice(&overflow[id]),
+            slots.extend((st.slots.len() + slots.len()..self.capacity).rev());
+            for (k, &u) in misses.iter().enumerate() {
+                let row = &fresh[k * d..(k + 1) * d];
+                table[u * d..(u + 1) * d].copy_from_slice(row);
+                if let Some(s) = slots.pop() {
+                    if st.data.len() < (s + 1) * d {
+                        st.data.resize((s + 1) * d, 0.0);
+                    }
+                    st.data[s * d..(s + 1) * d].copy_from_slice(row);
+                    st.slots.insert(unique[u], (s, stamp));
+                }
             }
         }
         drop(st);
-        let t = Tensor::from_vec(out, (ids.len(), d), &Device::Cpu)?;
-        let t = if self.dtype != DType::F32 {
-            t.to_dtype(self.dtype)?
+        let rows = Tensor::from_vec(table, (unique.len(), d), &Device::Cpu)?;
+        let rows = if self.dtype != DType::F32 {
+            rows.to_dtype(self.dtype)?
         } else {
-            t
+            rows
         };
-        Ok(t.to_device(&self.device)?)
+        let positions: Vec<u32> = ids
+            .iter()
+            .map(|id| unique.binary_search(id).unwrap_or(0) as u32)
+            .collect();
+        let rows = rows.to_device(&self.device)?;
+        let positions = Tensor::from_vec(positions, ids.len(), &self.device)?;
+        Ok(rows.index_select(&positions, 0)?)
+    }
+}
+
+/// Rows of an embedding read by one `pread` may be this many ids apart (the rows between are
+/// read and skipped).
+const ROW_READ_GAP: u32 = 16;
+/// Largest single read of embedding rows.
+const ROW_READ_BYTES: usize = 1 << 20;
+
+fn decode_row(dtype: DType, src: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        _ => unreachable!("dtype checked at construction"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-tensor safetensors file: row `i` of a `[vocab, 4]` f32 embedding is
+    /// `[i, i + 0.5, -i, 2i]`.
+    fn embedding_file(vocab: usize) -> std::path::PathBuf {
+        let data: Vec<f32> = (0..vocab)
+            .flat_map(|i| {
+                let i = i as f32;
+                [i, i + 0.5, -i, 2.0 * i]
+            })
+            .collect();
+        let t = Tensor::from_vec(data, (vocab, 4), &Device::Cpu).unwrap();
+        let dir = std::env::temp_dir().join(format!("grating-rowcache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("emb.safetensors");
+        candle_core::safetensors::save(&std::collections::HashMap::from([("emb", t)]), &path)
+            .unwrap();
+        path
+    }
+
+    fn check_rows(t: &Tensor, ids: &[u32]) {
+        let rows = t.to_vec2::<f32>().unwrap();
+        assert_eq!(rows.len(), ids.len());
+        for (row, &id) in rows.iter().zip(ids) {
+            let i = id as f32;
+            assert_eq!(row, &vec![i, i + 0.5, -i, 2.0 * i], "row of id {id}");
+        }
+    }
+
+    #[test]
+    fn row_cache_reads_coalesced_ranges_and_evicts_least_recent_rows() {
+        let path = embedding_file(200);
+        let files =
+            Arc::new(PreadFiles::open(Arc::new(WeightIndex::open(&[path]).unwrap())).unwrap());
+        let cache = RowCache::new(files, "emb", &[200, 4], 6, DType::F32, Device::Cpu).unwrap();
+        // Repeats, far-apart ids (separate reads) and neighbours (one read).
+        let first = [5u32, 3, 5, 150, 4, 3];
+        check_rows(&cache.lookup(&first).unwrap(), &first);
+        assert_eq!(cache.counters(), (0, 4));
+        check_rows(&cache.lookup(&[4, 150]).unwrap(), &[4, 150]);
+        assert_eq!(cache.counters(), (2, 4));
+        // Four new rows, two free slots: the two least recently used rows (3 and 5; 4 and
+        // 150 were used since) make room.
+        let second = [60u32, 61, 62, 199];
+        check_rows(&cache.lookup(&second).unwrap(), &second);
+        assert_eq!(cache.counters(), (2, 8));
+        check_rows(&cache.lookup(&[150, 4]).unwrap(), &[150, 4]);
+        assert_eq!(cache.counters(), (4, 8));
+        // More unique rows than the cache holds: all are returned, the overflow is not kept.
+        let wide: Vec<u32> = (100..108).collect();
+        check_rows(&cache.lookup(&wide).unwrap(), &wide);
+        assert_eq!(cache.counters(), (4, 16));
+        check_rows(&cache.lookup(&wide).unwrap(), &wide);
+        let (hits, misses) = cache.counters();
+        assert!(
+            hits > 4 && hits < 12 && hits + misses == 28,
+            "{hits} {misses}"
+        );
+        // Every lookup is right whatever was evicted, and the cache never exceeds its rows.
+        for round in 0..20u32 {
+            let ids: Vec<u32> = (0..9).map(|k| (round * 37 + k * 11) % 200).collect();
+            check_rows(&cache.lookup(&ids).unwrap(), &ids);
+            assert!(
+                cache.resident_bytes() <= 6 * 4 * 4 * 2,
+                "{}",
+                cache.resident_bytes()
+            );
+        }
+        assert!(cache.lookup(&[200]).is_err());
     }
 }
