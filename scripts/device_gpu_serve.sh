@@ -2,6 +2,7 @@
 # Runs on the GPU machine after scripts/device_gpu.sh has unpacked device-assets/ (or with
 # GRATING_GPU_BENCH=0 so it only runs the tests): the server load benchmark with streamed
 # weights on the GPU, on the Qwen3-Reranker-0.6B-shaped model transformers builds (seed 0).
+# GRATING_SERVE_ARGS adds server/bench flags; GRATING_SERVE_TAG names the output files.
 set -uo pipefail
 out="${OUT:-/tmp/grating-gpu-out}"
 work=/tmp/grating-gpu
@@ -11,4 +12,4 @@ export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-$(python3 -c 'import glob,site; print
 "$work/bin/grating" bench-serve --model "$model" --device cuda:0 --weights stream \
   --data "$work/shared/data/trec-dl19-subset" --concurrency 1,4,16 --top-n 10 \
   --requests 32 --max-seconds 40 --alone-runs 3 ${GRATING_SERVE_ARGS:-} \
-  --json "$out/serve_gpu.json" 2>&1 | tee "$out/serve_gpu.md"
+  --json "$out/serve_${GRATING_SERVE_TAG:-gpu}.json" 2>&1 | tee "$out/serve_${GRATING_SERVE_TAG:-gpu}.md"

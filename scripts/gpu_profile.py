@@ -64,15 +64,10 @@ def main():
         out, _ = rerank(args.grating, path, docs, mode, weights, chunk, 4)
         summary(f"{model} N={args.n} {mode}@{weights}, {chunk}-token chunks", out)
     docs = os.path.join(args.bench_dir, f"docs-qwen3-{args.n}.txt")
-    for label, env in [("cuBLASLt autotuned", {}),
-                       ("cuBLASLt heuristic's first pick", {"GRATING_LT_AUTOTUNE": "0"})]:
-        _, err = rerank(args.grating, qwen3, docs, "full", "resident", 65536, 3,
-                        {"GRATING_STAGE_PROFILE": "1", "GRATING_LOG": "grating::ops=debug",
-                         **env})
-        print(f"## qwen3 N={args.n} full@resident, stage profile (synchronised), {label}")
-        print("\n".join(l for l in err.splitlines()
-                        if l.strip() and ("autotune" in l or not l.startswith("20"))))
-        print()
+    _, err = rerank(args.grating, qwen3, docs, "full", "resident", 65536, 3,
+                    {"GRATING_STAGE_PROFILE": "1"})
+    print(f"## qwen3 N={args.n} full@resident, stage profile (synchronised)")
+    print("\n".join(l for l in err.splitlines() if l.strip()))
 
 
 if __name__ == "__main__":

@@ -198,9 +198,11 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         server.stop()?;
     }
     println!(
-        "sizes {:?} (cycled), top_n {}, weights {}, {} requests per level",
+        "sizes {:?} (cycled), top_n {}, step tokens {}, queue order {:?}, weights {}, {} requests per level",
         args.sizes,
         args.top_n,
+        args.server.step_tokens,
+        args.server.queue_order,
         if args.server.reload_layers {
             "reloaded per step".to_string()
         } else {

@@ -3,6 +3,7 @@
 use super::common::{ModelArgs, PruneArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use grating::engine::shared::QueueOrder;
 use grating::engine::Reranker;
 use grating::server::{AppState, ServerConfig};
 use std::sync::Arc;
@@ -35,6 +36,10 @@ pub struct ServerArgs {
     /// Tokens one layer step computes, shared by the requests in it (the fairness budget).
     #[arg(long, default_value_t = grating::engine::shared::DEFAULT_STEP_TOKENS)]
     pub step_tokens: usize,
+    /// Who gets each layer step first: the request with the least work left
+    /// (shortest-remaining) or with the least work done so far (least-attained).
+    #[arg(long, value_enum, default_value_t = QueueOrderArg::ShortestRemaining)]
+    pub queue_order: QueueOrderArg,
     /// Run requests one after another instead of sharing layer steps between them.
     #[arg(long)]
     pub no_layer_sharing: bool,
@@ -45,6 +50,13 @@ pub struct ServerArgs {
     /// Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace: f64,
+}
+
+/// `--queue-order` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueOrderArg {
+    ShortestRemaining,
+    LeastAttained,
 }
 
 impl ServerArgs {
@@ -70,6 +82,10 @@ impl ServerArgs {
             chunk_tokens: self.chunk_tokens,
             prune: self.prune.config(reranker.files())?,
             layer_sharing: !self.no_layer_sharing,
+            queue_order: match self.queue_order {
+                QueueOrderArg::ShortestRemaining => QueueOrder::ShortestRemaining,
+                QueueOrderArg::LeastAttained => QueueOrder::LeastAttained,
+            },
             step_tokens: self.step_tokens,
             reload_layers: self.reload_layers,
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace),

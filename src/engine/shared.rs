@@ -74,9 +74,22 @@ pub enum LayerSource {
     Stream(super::Streaming),
 }
 
+/// The order in which admitted requests get the steps (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueOrder {
+    /// Least work left first: token-layers still to compute (its live tokens times the layers
+    /// ahead, an upper bound since pruning only removes work), ties by arrival.
+    #[default]
+    ShortestRemaining,
+    /// Least attained service first: token-layers computed so far, ties by arrival.
+    LeastAttained,
+}
+
 pub struct SharedOptions {
     /// Share layer steps between requests (false: one request after another, FIFO).
     pub layer_sharing: bool,
+    pub order: QueueOrder,
     /// Token budget of one step, shared by the requests in it.
     pub step_tokens: usize,
     /// Requests holding hidden states at once; later arrivals wait, in arrival order.
@@ -89,6 +102,7 @@ impl Default for SharedOptions {
     fn default() -> Self {
         SharedOptions {
             layer_sharing: true,
+            order: QueueOrder::default(),
             step_tokens: DEFAULT_STEP_TOKENS,
             max_active: 64,
             starve_after_steps: DEFAULT_STARVE_AFTER_STEPS,
@@ -233,6 +247,9 @@ pub struct StepCandidate {
     pub layer: usize,
     /// Token-layers computed for it so far.
     pub attained: u64,
+    /// Token-layers still to compute at most: its tokens left at `layer`, plus its live
+    /// tokens for every later layer.
+    pub remaining: u64,
     /// Consecutive steps it had work but was passed over.
     pub idle_steps: u32,
     /// Tokens of its chunks still to run at `layer`, in order.
@@ -249,13 +266,22 @@ pub struct StepPlan {
 /// The fairness policy (see the module docs): LAS order with a starvation guard, the layer of
 /// the first request, then chunks of the requests at that layer, round robin in that order
 /// (one chunk each per round), within `budget` (at least one chunk).
-pub fn plan_step(cands: &[StepCandidate], budget: usize, starve_after: u32) -> Option<StepPlan> {
+pub fn plan_step(
+    cands: &[StepCandidate],
+    budget: usize,
+    starve_after: u32,
+    queue: QueueOrder,
+) -> Option<StepPlan> {
     let mut order: Vec<usize> = (0..cands.len())
         .filter(|&i| !cands[i].chunk_tokens.is_empty())
         .collect();
     order.sort_by_key(|&i| {
         let c = &cands[i];
-        (c.idle_steps < starve_after, c.attained, c.seq)
+        let work = match queue {
+            QueueOrder::ShortestRemaining => c.remaining,
+            QueueOrder::LeastAttained => c.attained,
+        };
+        (c.idle_steps < starve_after, work, c.seq)
     });
     let layer = cands[*order.first()?].layer;
     let at_layer: Vec<usize> = order
@@ -504,6 +530,7 @@ impl Scheduler {
         if self.active.is_empty() {
             return;
         }
+        let num_layers = self.model.info().num_layers;
         let budget = if self.opts.layer_sharing {
             self.opts.step_tokens.max(1)
         } else {
@@ -512,18 +539,30 @@ impl Scheduler {
         let cands: Vec<StepCandidate> = self
             .active
             .iter()
-            .map(|a| StepCandidate {
-                seq: a.seq,
-                layer: a.layer,
-                attained: a.attained,
-                idle_steps: a.idle_steps,
-                chunk_tokens: a.chunks[a.next_chunk..]
+            .map(|a| {
+                let chunk_tokens: Vec<usize> = a.chunks[a.next_chunk..]
                     .iter()
                     .map(|c| c.batch.num_tokens())
-                    .collect(),
+                    .collect();
+                let live: usize = a.chunks.iter().map(|c| c.batch.num_tokens()).sum();
+                let later = num_layers.saturating_sub(a.layer + 1);
+                StepCandidate {
+                    seq: a.seq,
+                    layer: a.layer,
+                    attained: a.attained,
+                    remaining: (chunk_tokens.iter().sum::<usize>() + live * later) as u64,
+                    idle_steps: a.idle_steps,
+                    chunk_tokens,
+                }
             })
             .collect();
-        let Some(plan) = plan_step(&cands, budget, self.opts.starve_after_steps) else {
+        let plan = plan_step(
+            &cands,
+            budget,
+            self.opts.starve_after_steps,
+            self.opts.order,
+        );
+        let Some(plan) = plan else {
             return;
         };
         let _span =
@@ -773,10 +812,22 @@ mod tests {
             seq,
             layer,
             attained,
+            remaining: 0,
             idle_steps: 0,
             chunk_tokens: chunks.to_vec(),
         }
     }
+
+    /// A candidate with `remaining` token-layers left (attained service 0).
+    fn left(seq: u64, layer: usize, remaining: u64, chunks: &[usize]) -> StepCandidate {
+        StepCandidate {
+            remaining,
+            ..cand(seq, layer, 0, chunks)
+        }
+    }
+
+    const LAS: QueueOrder = QueueOrder::LeastAttained;
+    const SRPT: QueueOrder = QueueOrder::ShortestRemaining;
 
     #[test]
     fn least_attained_service_goes_first_and_sets_the_layer() {
@@ -786,7 +837,7 @@ mod tests {
             cand(1, 0, 0, &[1800]),
             cand(2, 0, 0, &[900]),
         ];
-        let p = plan_step(&c, 8192, 64).unwrap();
+        let p = plan_step(&c, 8192, 64, LAS).unwrap();
         assert_eq!(p.layer, 0);
         assert_eq!(p.work, vec![(1, 1), (2, 1)]);
     }
@@ -794,7 +845,7 @@ mod tests {
     #[test]
     fn ties_are_broken_by_arrival() {
         let c = vec![cand(7, 0, 0, &[100]), cand(3, 0, 0, &[100])];
-        let p = plan_step(&c, 8192, 64).unwrap();
+        let p = plan_step(&c, 8192, 64, LAS).unwrap();
         assert_eq!(p.work, vec![(1, 1), (0, 1)]);
     }
 
@@ -806,12 +857,15 @@ mod tests {
             cand(1, 2, 20, &[3000]),
             cand(2, 2, 30, &[500]),
         ];
-        let p = plan_step(&c, 8192, 64).unwrap();
+        let p = plan_step(&c, 8192, 64, LAS).unwrap();
         assert_eq!(p.layer, 2);
         assert_eq!(p.work, vec![(0, 1), (1, 1), (2, 1)]);
         // Rounds continue while chunks fit.
         let c = vec![cand(0, 0, 0, &[1000; 5]), cand(1, 0, 5, &[1000, 1000])];
-        assert_eq!(plan_step(&c, 5000, 64).unwrap().work, vec![(0, 3), (1, 2)]);
+        assert_eq!(
+            plan_step(&c, 5000, 64, LAS).unwrap().work,
+            vec![(0, 3), (1, 2)]
+        );
         // Request 1's chunk does not fit, so the smaller chunk of request 2 (later in LAS
         // order) does not leapfrog it.
         let c = vec![
@@ -819,10 +873,10 @@ mod tests {
             cand(1, 2, 20, &[6000]),
             cand(2, 2, 30, &[500]),
         ];
-        assert_eq!(plan_step(&c, 8192, 64).unwrap().work, vec![(0, 1)]);
+        assert_eq!(plan_step(&c, 8192, 64, LAS).unwrap().work, vec![(0, 1)]);
         // A chunk larger than the budget still runs, alone.
         let c = vec![cand(0, 0, 0, &[20_000, 100])];
-        assert_eq!(plan_step(&c, 8192, 64).unwrap().work, vec![(0, 1)]);
+        assert_eq!(plan_step(&c, 8192, 64, LAS).unwrap().work, vec![(0, 1)]);
     }
 
     #[test]
@@ -832,7 +886,7 @@ mod tests {
             cand(1, 4, 50, &[100]),
             cand(2, 1, 200, &[100]),
         ];
-        let p = plan_step(&c, 8192, 64).unwrap();
+        let p = plan_step(&c, 8192, 64, LAS).unwrap();
         assert_eq!(p.layer, 4);
         assert_eq!(p.work, vec![(1, 1)]);
     }
@@ -842,14 +896,46 @@ mod tests {
         let mut big = cand(0, 5, 1_000_000, &[4000]);
         big.idle_steps = 64;
         let c = vec![big, cand(1, 0, 0, &[100])];
-        let p = plan_step(&c, 8192, 64).unwrap();
+        let p = plan_step(&c, 8192, 64, LAS).unwrap();
         assert_eq!(p.layer, 5);
         assert_eq!(p.work, vec![(0, 1)]);
     }
 
     #[test]
     fn nothing_to_do_plans_nothing() {
-        assert_eq!(plan_step(&[], 8192, 64), None);
-        assert_eq!(plan_step(&[cand(0, 0, 0, &[])], 8192, 64), None);
+        assert_eq!(plan_step(&[], 8192, 64, SRPT), None);
+        assert_eq!(plan_step(&[cand(0, 0, 0, &[])], 8192, 64, SRPT), None);
+    }
+
+    #[test]
+    fn shortest_remaining_work_goes_first_whatever_arrived_last() {
+        // A small request deep into its layers, a big newcomer at layer 0: under LAS the
+        // newcomer (nothing attained) would go first; here the small one does, and the big
+        // one rides along only when it is at the same layer.
+        let small = StepCandidate {
+            attained: 9 * 6000,
+            ..left(0, 9, 20 * 6000, &[6000])
+        };
+        let c = vec![small, left(1, 0, 28 * 90_000, &[8192; 11])];
+        let p = plan_step(&c, 32_768, 64, SRPT).unwrap();
+        assert_eq!(p.layer, 9);
+        assert_eq!(p.work, vec![(0, 1)]);
+        let p = plan_step(&c, 32_768, 64, LAS).unwrap();
+        assert_eq!(p.layer, 0);
+        // Same layer: the small request's chunk first, then the big one's chunks in the
+        // rest of the budget.
+        let c = vec![
+            left(0, 3, 28 * 90_000, &[8192; 11]),
+            left(1, 3, 25 * 6000, &[6000]),
+        ];
+        let p = plan_step(&c, 32_768, 64, SRPT).unwrap();
+        assert_eq!(p.work, vec![(1, 1), (0, 3)]);
+        // Ties by arrival; the starvation guard still overrides.
+        let c = vec![left(5, 0, 100, &[10]), left(2, 1, 100, &[10])];
+        assert_eq!(plan_step(&c, 8192, 64, SRPT).unwrap().work, vec![(1, 1)]);
+        let mut starved = left(0, 7, 1_000_000, &[4000]);
+        starved.idle_steps = 64;
+        let c = vec![starved, left(1, 0, 10, &[10])];
+        assert_eq!(plan_step(&c, 8192, 64, SRPT).unwrap().layer, 7);
     }
 }

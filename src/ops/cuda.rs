@@ -5,9 +5,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys as lt_sys};
-use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{
@@ -217,17 +216,19 @@ impl CustomOp1 for QkNormRope {
                 op.n_heads as i32,
                 op.n_kv_heads as i32,
                 op.head_dim as i32,
-                op.eps
+                op.eps,
+                rows as i64
             );
+            // One warp per (row, head), eight per block.
             let cfg = LaunchConfig {
-                grid_dim: (rows as u32, heads as u32, 1),
-                block_dim: ((op.head_dim / 2) as u32, 1, 1),
+                grid_dim: ((rows * heads).div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
             unsafe { b.launch(cfg) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
         }
-        if self.head_dim % 2 != 0 || self.head_dim > 1024 {
+        if self.head_dim % 2 != 0 {
             bail!("qk_norm_rope: head dim {} unsupported", self.head_dim);
         }
         let out = dispatch!(s.dtype(), "qk_norm_rope", run, self, s, l)?;
@@ -576,32 +577,8 @@ impl CustomOp1 for FlashAttention<'_> {
 /// long-standing cuBLASLt default; the large-M GEMMs of a reranker keep their fast kernels.
 const LT_WORKSPACE_BYTES: usize = 1 << 20;
 
-/// (row-count bucket, n, k, dtype, with bias) of a GEMM.
+/// (m, n, k, dtype, with bias) of a GEMM.
 type GemmKey = (u64, u64, u64, DType, bool);
-
-/// Workspace limit offered to the heuristic for GEMMs of at least [`AUTOTUNE_MIN_FLOP`]: it
-/// exists only while such a GEMM runs, next to an output of hundreds of MiB.
-const LT_BIG_WORKSPACE_BYTES: usize = 32 << 20;
-
-/// GEMMs this large are autotuned: the heuristic's first pick ran the Qwen3-0.6B qkv
-/// projection (33k x 1024 x 4096) at 165 TFLOP/s on an H100 where other candidates it lists
-/// run at 3-4x that. Each of up to 8 candidates is timed once per shape bucket.
-const AUTOTUNE_MIN_FLOP: usize = 1 << 33;
-
-fn autotune_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("GRATING_LT_AUTOTUNE").map_or(true, |v| v != "0"))
-}
-
-/// Row counts share a tuned algorithm within a quarter of a power of two: requests differ in
-/// row counts, and tuning each exact count would cost more than it gains.
-fn m_bucket(m: usize) -> usize {
-    if m <= 64 {
-        return m;
-    }
-    let step = 1usize << (usize::BITS - 1 - m.leading_zeros() - 2);
-    m.div_ceil(step) * step
-}
 
 /// An algorithm and the workspace it asked for.
 #[derive(Clone, Copy)]
@@ -610,14 +587,15 @@ struct LtChoice {
     workspace: usize,
 }
 
-/// Up to `count` algorithms for the described GEMM, best first by the heuristic.
-fn lt_heuristics(
+/// The heuristic's algorithm for the described GEMM within [`LT_WORKSPACE_BYTES`]. (Timing
+/// its other candidates was tried: on an H100 they ran the four Qwen3-0.6B projections within
+/// 3% of its first pick, at 755-777 TFLOP/s.)
+fn lt_heuristic(
     handle: lt_sys::cublasLtHandle_t,
     desc: lt_sys::cublasLtMatmulDesc_t,
     [a, b, c]: [lt_sys::cublasLtMatrixLayout_t; 3],
-    workspace_limit: usize,
-    count: usize,
-) -> Result<Vec<LtChoice>> {
+) -> Result<LtChoice> {
+    let workspace_limit = LT_WORKSPACE_BYTES;
     let pref = lt::create_matmul_pref().map_err(|e| lt_err("preference", e))?;
     let pref = LtGuard(pref, lt::destroy_matmul_pref);
     unsafe {
@@ -630,8 +608,7 @@ fn lt_heuristics(
     }
     .map_err(|e| lt_err("preference", e))?;
     // Plain data, filled in by the call.
-    let mut results: Vec<lt_sys::cublasLtMatmulHeuristicResult_t> =
-        vec![unsafe { std::mem::zeroed() }; count.max(1)];
+    let mut results: [lt_sys::cublasLtMatmulHeuristicResult_t; 1] = [unsafe { std::mem::zeroed() }];
     let mut found = 0i32;
     unsafe {
         lt_sys::cublasLtMatmulAlgoGetHeuristic(
@@ -649,50 +626,15 @@ fn lt_heuristics(
     }
     .result()
     .map_err(|e| lt_err("heuristic", e))?;
-    let choices: Vec<LtChoice> = results[..found.max(0) as usize]
-        .iter()
-        .filter(|r| r.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
-        .map(|r| LtChoice {
-            algo: r.algo,
-            workspace: r.workspaceSize,
-        })
-        .collect();
-    if choices.is_empty() {
-        bail!("cuBLASLt has no algorithm for this GEMM");
-    }
-    Ok(choices)
-}
-
-/// Times each candidate (one warm-up run, then two timed runs, on the real operands) and
-/// returns the fastest. Candidates that fail to run are skipped.
-fn fastest(
-    stream: &Arc<CudaStream>,
-    candidates: &[LtChoice],
-    run: &dyn Fn(&LtChoice) -> Result<()>,
-) -> Result<LtChoice> {
-    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-    let mut best: Option<(f32, LtChoice)> = None;
-    let mut times = Vec::new();
-    for c in candidates {
-        if run(c).is_err() {
-            continue;
+    match results.first() {
+        Some(r) if found > 0 && r.state == lt_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => {
+            Ok(LtChoice {
+                algo: r.algo,
+                workspace: r.workspaceSize,
+            })
         }
-        let start = stream.record_event(timing).w()?;
-        run(c)?;
-        run(c)?;
-        let end = stream.record_event(timing).w()?;
-        let ms = start.elapsed_ms(&end).w()?;
-        times.push(ms);
-        if best.is_none_or(|(b, _)| ms < b) {
-            best = Some((ms, *c));
-        }
+        _ => bail!("cuBLASLt has no algorithm for this GEMM"),
     }
-    tracing::debug!(
-        ?times,
-        "cuBLASLt autotune (ms per two runs, heuristic order)"
-    );
-    best.map(|b| b.1)
-        .ok_or_else(|| candle_core::Error::Msg("cuBLASLt: no candidate algorithm ran".into()))
 }
 
 /// A cuBLASLt handle for one device and the algorithm the heuristic picked per GEMM shape
@@ -839,9 +781,8 @@ fn lt_linear<T: CudaDType + DeviceRepr>(
             std::mem::size_of_val(p),
         )?;
     }
-    let big = 2 * m_bucket(m) * out_dim * k >= AUTOTUNE_MIN_FLOP;
     let key = (
-        m_bucket(m) as u64,
+        m as u64,
         out_dim as u64,
         k as u64,
         dtype,
@@ -877,44 +818,26 @@ fn lt_linear<T: CudaDType + DeviceRepr>(
         }
         .map_err(|e| lt_err("matmul", e))
     };
-    let heuristics = |count: usize| -> Result<Vec<LtChoice>> {
-        let limit = if big {
-            LT_BIG_WORKSPACE_BYTES
-        } else {
-            LT_WORKSPACE_BYTES
-        };
-        lt_heuristics(lt.handle, desc.0, [a_l.0, b_l.0, c_l.0], limit, count)
-    };
     let cached = lt
         .algos
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(&key)
         .copied();
-    match cached {
-        // Chosen for another row count of the same bucket: if it does not apply to this
-        // one, the heuristic's pick for the exact shape does.
-        Some(choice) => {
-            if run(&choice).is_err() {
-                run(&heuristics(1)?[0])?;
-            }
-        }
+    let choice = match cached {
+        Some(c) => c,
         None => {
-            let candidates = heuristics(if big && autotune_enabled() { 8 } else { 1 })?;
-            let choice = if candidates.len() > 1 {
-                fastest(&stream, &candidates, &run)?
-            } else {
-                candidates[0]
-            };
-            run(&choice)?;
+            let c = lt_heuristic(lt.handle, desc.0, [a_l.0, b_l.0, c_l.0])?;
             let mut algos = lt.algos.lock().unwrap_or_else(|p| p.into_inner());
-            // Bounded, though row-count buckets keep the number of keys small.
+            // Row counts vary per batch; a long-running server must not grow this forever.
             if algos.len() >= 4096 {
                 algos.clear();
             }
-            algos.insert(key, choice);
+            algos.insert(key, c);
+            c
         }
-    }
+    };
+    run(&choice)?;
     drop((w_sync, x_sync, y_sync));
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),

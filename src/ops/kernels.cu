@@ -42,50 +42,47 @@ template <typename T> __device__ void gelu_erf_inplace(T *x, uint32_t n) {
     }
 }
 
-// One block per (row, head) of a fused [rows, (nh + 2 nkv) * dh] projection, dh / 2 threads.
+// One warp per (row, head) of a fused [rows, (nh + 2 nkv) * dh] projection, 8 warps per block.
 // q and k heads: RMSNorm over the head (gamma optional) then rotary embedding with the row's
-// position (non-interleaved halves, as HF's rotate_half); v heads are copied.
+// position (non-interleaved halves, as HF's rotate_half); v heads are copied. Lane j handles
+// the pairs (i, i + dh / 2) for i = j, j + 32, ...: the sum of squares is a warp reduction.
 template <typename T>
 __device__ void qk_norm_rope(const T *qkv, T *out, const float *cos_t, const float *sin_t,
                              const uint32_t *pos, const T *q_gamma, const T *k_gamma, int nh,
-                             int nkv, int dh, float eps) {
-    int64_t row = blockIdx.x;
-    int head = blockIdx.y;
-    int half = dh / 2;
-    int i = threadIdx.x;
-    int64_t width = (int64_t)(nh + 2 * nkv) * dh;
+                             int nkv, int dh, float eps, int64_t rows) {
+    const int heads = nh + 2 * nkv;
+    const int64_t item = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (item >= rows * heads) return;
+    const int64_t row = item / heads;
+    const int head = (int)(item - row * heads);
+    const int lane = threadIdx.x % 32, half = dh / 2;
+    const int64_t width = (int64_t)heads * dh;
     const T *x = qkv + row * width + (int64_t)head * dh;
     T *y = out + row * width + (int64_t)head * dh;
-    float a = to_f(x[i]);
-    float b = to_f(x[i + half]);
     if (head >= nh + nkv) {
-        y[i] = x[i];
-        y[i + half] = x[i + half];
+        for (int i = lane; i < dh; i += 32) y[i] = x[i];
         return;
     }
     const T *gamma = head < nh ? q_gamma : k_gamma;
-    if (gamma != nullptr) {
-        // dh / 2 <= 512 threads; a plain shared-memory sum also works for heads under a warp.
-        __shared__ float partial[512];
-        partial[i] = a * a + b * b;
-        __syncthreads();
-        if (i == 0) {
-            float t = 0.f;
-            for (int w = 0; w < half; w++) t += partial[w];
-            partial[0] = t;
-        }
-        __syncthreads();
-        float rstd = rsqrtf(partial[0] / dh + eps);
-        // HF rounds the normalised value to the compute dtype before the weight multiply.
-        a = to_f(from_f<T>(a * rstd)) * to_f(gamma[i]);
-        b = to_f(from_f<T>(b * rstd)) * to_f(gamma[i + half]);
-        a = to_f(from_f<T>(a));
-        b = to_f(from_f<T>(b));
+    float ss = 0.f;
+    for (int i = lane; i < half; i += 32) {
+        float a = to_f(x[i]), b = to_f(x[i + half]);
+        ss += a * a + b * b;
     }
-    int64_t p = pos[row];
-    float c = cos_t[p * half + i], s = sin_t[p * half + i];
-    y[i] = from_f<T>(a * c - b * s);
-    y[i + half] = from_f<T>(b * c + a * s);
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+    const float rstd = rsqrtf(ss / dh + eps);
+    const int64_t p = pos[row];
+    for (int i = lane; i < half; i += 32) {
+        float a = to_f(x[i]), b = to_f(x[i + half]);
+        if (gamma != nullptr) {
+            // HF rounds the normalised value to the compute dtype before the weight multiply.
+            a = to_f(from_f<T>(to_f(from_f<T>(a * rstd)) * to_f(gamma[i])));
+            b = to_f(from_f<T>(to_f(from_f<T>(b * rstd)) * to_f(gamma[i + half])));
+        }
+        float c = cos_t[p * half + i], s = sin_t[p * half + i];
+        y[i] = from_f<T>(a * c - b * s);
+        y[i + half] = from_f<T>(b * c + a * s);
+    }
 }
 
 // Packs one length bucket of b sequences (starts/lens, padded to lmax) from a packed
@@ -427,8 +424,8 @@ FLASH(__half, f16, 128)
     }                                                                                            \
     extern "C" __global__ void qk_norm_rope_##SUFFIX(                                            \
         const T *qkv, T *out, const float *cos_t, const float *sin_t, const uint32_t *pos,       \
-        const T *q_gamma, const T *k_gamma, int nh, int nkv, int dh, float eps) {                \
-        qk_norm_rope<T>(qkv, out, cos_t, sin_t, pos, q_gamma, k_gamma, nh, nkv, dh, eps);        \
+        const T *q_gamma, const T *k_gamma, int nh, int nkv, int dh, float eps, int64_t rows) {  \
+        qk_norm_rope<T>(qkv, out, cos_t, sin_t, pos, q_gamma, k_gamma, nh, nkv, dh, eps, rows);  \
     }                                                                                            \
     extern "C" __global__ void attn_pack_##SUFFIX(const T *qkv, T *dst, const uint32_t *starts,  \
                                                   const uint32_t *lens, int b, int lmax, int nh, \

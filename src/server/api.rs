@@ -163,6 +163,9 @@ pub struct Info {
     pub mode: String,
     pub pruning: String,
     pub layer_sharing: bool,
+    /// Queue order of layer steps: `shortest-remaining` or `least-attained`.
+    #[schema(value_type = String)]
+    pub queue_order: crate::engine::shared::QueueOrder,
     pub step_tokens: usize,
     pub chunk_tokens: usize,
     /// Where layer weights come from at each step: `resident` or `reload`.

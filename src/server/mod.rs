@@ -14,7 +14,7 @@ mod docs;
 pub mod error;
 pub mod metrics;
 
-use crate::engine::shared::{Job, LayerSource, SharedEngine, SharedOptions};
+use crate::engine::shared::{Job, LayerSource, QueueOrder, SharedEngine, SharedOptions};
 use crate::engine::{sigmoid, RerankOutput, RerankRequest, Reranker};
 use crate::prune::{PruneConfig, PruneMode};
 use crate::tokenize::Truncation;
@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub prune: PruneConfig,
     /// Share layer steps across concurrent requests (false: one request after another).
     pub layer_sharing: bool,
+    /// Who gets each layer step first (the fairness policy).
+    pub queue_order: QueueOrder,
     pub step_tokens: usize,
     /// Rebuild each layer from the memory-mapped checkpoint at every step (a stand-in for
     /// weight streaming until the streaming store lands).
@@ -78,6 +80,7 @@ impl Default for ServerConfig {
             chunk_tokens: crate::engine::monolithic::DEFAULT_CHUNK_TOKENS,
             prune: PruneConfig::default(),
             layer_sharing: true,
+            queue_order: QueueOrder::default(),
             step_tokens: crate::engine::shared::DEFAULT_STEP_TOKENS,
             reload_layers: false,
             shutdown_grace: Duration::from_secs(30),
@@ -118,6 +121,7 @@ impl AppState {
             reranker.model().clone(),
             SharedOptions {
                 layer_sharing: cfg.layer_sharing,
+                order: cfg.queue_order,
                 step_tokens: cfg.step_tokens,
                 max_active: cfg.max_concurrent_requests.max(1),
                 layer_source,
@@ -143,6 +147,7 @@ impl AppState {
             }
             .into(),
             layer_sharing: cfg.layer_sharing,
+            queue_order: cfg.queue_order,
             step_tokens: cfg.step_tokens,
             chunk_tokens: cfg.chunk_tokens,
             weights: if cfg.reload_layers {
