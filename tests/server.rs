@@ -4,7 +4,7 @@
 
 mod common;
 
-use grating::engine::shared::{Job, SharedEngine, SharedOptions};
+use grating::engine::shared::{Job, QueueOrder, SharedEngine, SharedOptions};
 use grating::engine::{sigmoid, EngineOptions, Mode, RerankRequest, Reranker};
 use grating::prune::PruneConfig;
 use grating::server::client::{get, post_json, request, HttpResponse};
@@ -205,6 +205,7 @@ fn info_health_metrics_and_docs() {
     assert_eq!(v["num_layers"], 6);
     assert_eq!(v["mode"], "grating");
     assert_eq!(v["layer_sharing"], true);
+    assert_eq!(v["queue_order"], "least-attained");
     assert_eq!(v["limits"]["max_documents"], 50);
     assert!(v["model"].as_str().unwrap().contains(MODEL));
 
@@ -470,55 +471,61 @@ fn shared_engine_interleaving_is_exact() {
     let Some(r) = reranker() else { return };
     let all = passages(120);
     let chunk_tokens = 600;
-    let engine = SharedEngine::start(
-        r.model().clone(),
-        SharedOptions {
-            step_tokens: 1500,
-            ..Default::default()
-        },
-    );
-    let cases: Vec<(&str, std::ops::Range<usize>, usize)> = vec![
-        ("what is the daily life of thai people", 0..60, 5),
-        ("causes of left ventricular hypertrophy", 60..70, 2),
-        ("how long is life cycle of flea", 70..120, 50),
-        ("what is physical description of spruce", 10..40, 1),
-    ];
-    let mut rxs = Vec::new();
-    let mut expected = Vec::new();
-    for (q, range, k) in &cases {
-        let mut req = RerankRequest::new(*q, all[range.clone()].to_vec());
-        req.top_k = Some(*k);
-        req.chunk_tokens = chunk_tokens;
-        expected.push(r.rerank(&req, None).unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        engine.submit(Job {
-            pairs: r.encode(&req).unwrap(),
-            k: *k,
-            chunk_tokens,
-            prune: req.prune.clone(),
-            cancel: Arc::new(AtomicBool::new(false)),
-            deadline: None,
-            tokenize_seconds: 0.0,
-            reply: Box::new(move |res| {
-                let _ = tx.send(res);
-            }),
-        });
-        rxs.push(rx);
-    }
-    for (i, (rx, exp)) in rxs.into_iter().zip(&expected).enumerate() {
-        let got = rx.recv_timeout(Duration::from_secs(300)).unwrap().unwrap();
-        assert_eq!(got.ranked, exp.ranked, "case {i}");
-        assert_eq!(
-            got.stats.layers_per_candidate, exp.stats.layers_per_candidate,
-            "case {i}"
+    for order in [QueueOrder::LeastAttained, QueueOrder::ShortestRemaining] {
+        let engine = SharedEngine::start(
+            r.model().clone(),
+            SharedOptions {
+                step_tokens: 1500,
+                order,
+                ..Default::default()
+            },
         );
+        let cases: Vec<(&str, std::ops::Range<usize>, usize)> = vec![
+            ("what is the daily life of thai people", 0..60, 5),
+            ("causes of left ventricular hypertrophy", 60..70, 2),
+            ("how long is life cycle of flea", 70..120, 50),
+            ("what is physical description of spruce", 10..40, 1),
+        ];
+        let mut rxs = Vec::new();
+        let mut expected = Vec::new();
+        for (q, range, k) in &cases {
+            let mut req = RerankRequest::new(*q, all[range.clone()].to_vec());
+            req.top_k = Some(*k);
+            req.chunk_tokens = chunk_tokens;
+            expected.push(r.rerank(&req, None).unwrap());
+            let (tx, rx) = std::sync::mpsc::channel();
+            engine.submit(Job {
+                pairs: r.encode(&req).unwrap(),
+                k: *k,
+                chunk_tokens,
+                prune: req.prune.clone(),
+                cancel: Arc::new(AtomicBool::new(false)),
+                deadline: None,
+                tokenize_seconds: 0.0,
+                reply: Box::new(move |res| {
+                    let _ = tx.send(res);
+                }),
+            });
+            rxs.push(rx);
+        }
+        for (i, (rx, exp)) in rxs.into_iter().zip(&expected).enumerate() {
+            let got = rx.recv_timeout(Duration::from_secs(300)).unwrap().unwrap();
+            assert_eq!(got.ranked, exp.ranked, "{order:?} case {i}");
+            assert_eq!(
+                got.stats.layers_per_candidate, exp.stats.layers_per_candidate,
+                "{order:?} case {i}"
+            );
+        }
+        let c = engine.counters();
+        let steps = c.steps.load(std::sync::atomic::Ordering::Relaxed);
+        let served = c.request_steps.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("{order:?}: {steps} steps served {served} request-steps");
+        assert!(
+            served > steps,
+            "{order:?}: no step was shared between requests"
+        );
+        engine.shutdown();
     }
-    let c = engine.counters();
-    let steps = c.steps.load(std::sync::atomic::Ordering::Relaxed);
-    let served = c.request_steps.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!("{steps} steps served {served} request-steps");
-    assert!(served > steps, "no step was shared between requests");
-    engine.shutdown();
 }
 
 #[test]

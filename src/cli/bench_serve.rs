@@ -129,8 +129,11 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             )?;
             Ok((r.status, t.elapsed().as_secs_f64() * 1e3))
         };
-        // Warm-up, then the small request alone.
-        send(&bodies[0][0])?;
+        // Warm-up (each request the alone runs use, so that embedding rows and layers are as
+        // warm as under load), then the small request alone.
+        for body in bodies.iter().take(args.alone_runs.max(1)) {
+            send(&body[0])?;
+        }
         let mut alone: Vec<f64> = Vec::new();
         for i in 0..args.alone_runs.max(1) {
             alone.push(send(&bodies[i % nq][0])?.1);

@@ -36,9 +36,9 @@ pub struct ServerArgs {
     /// Tokens one layer step computes, shared by the requests in it (the fairness budget).
     #[arg(long, default_value_t = grating::engine::shared::DEFAULT_STEP_TOKENS)]
     pub step_tokens: usize,
-    /// Who gets each layer step first: the request with the least work left
-    /// (shortest-remaining) or with the least work done so far (least-attained).
-    #[arg(long, value_enum, default_value_t = QueueOrderArg::ShortestRemaining)]
+    /// Who gets each layer step first: the request with the least work done so far
+    /// (least-attained) or with the least work left (shortest-remaining).
+    #[arg(long, value_enum, default_value_t = QueueOrderArg::LeastAttained)]
     pub queue_order: QueueOrderArg,
     /// Run requests one after another instead of sharing layer steps between them.
     #[arg(long)]
