@@ -210,28 +210,27 @@ fn rounded(t: &Tensor, dtype: DType) -> Tensor {
     t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap()
 }
 
+/// The largest absolute element of `t`, as f32 on the CPU.
+fn max_abs(t: &Tensor) -> f32 {
+    t.to_device(&Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.abs())
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.max(0))
+        .and_then(|t| t.to_scalar::<f32>())
+        .unwrap()
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let b = b
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
+    let f32_cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let (a, b) = (f32_cpu(a), f32_cpu(b));
     assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 /// The flash attention kernel and the length-bucketed kernels against the CPU's f32 packed
@@ -313,15 +312,7 @@ fn lt_linear_and_fused_norm_match_cpu() {
             )
             .unwrap();
             let got = linear(&g(&x), &g(&w), bias.map(g).as_ref()).unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(&want);
             let d = max_abs_diff(&got, &want);
             eprintln!(
                 "linear {dtype:?} bias {}: {d:e} of max {scale}",

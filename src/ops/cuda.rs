@@ -93,18 +93,25 @@ fn no_cpu(name: &str) -> Result<(CpuStorage, Shape)> {
     bail!("{name} is a GPU kernel")
 }
 
+/// The `name` and the refusing `cpu_fwd` of a GPU-only [`CustomOp1`].
+macro_rules! gpu_only_op1 {
+    ($name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            no_cpu($name)
+        }
+    };
+}
+
 /// `silu(gate) * up` over a `[rows, 2 * inter]` projection.
 pub struct SiluMul {
     pub inter: usize,
 }
 
 impl CustomOp1 for SiluMul {
-    fn name(&self) -> &'static str {
-        "grating-silu-mul"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only_op1!("grating-silu-mul");
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         fn run<T: CudaDType + DeviceRepr>(
             s: &CudaStorage,
@@ -176,12 +183,7 @@ pub struct QkNormRope {
 }
 
 impl CustomOp1 for QkNormRope {
-    fn name(&self) -> &'static str {
-        "grating-qk-norm-rope"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only_op1!("grating-qk-norm-rope");
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         fn run<T: CudaDType + DeviceRepr>(
             op: &QkNormRope,
@@ -256,12 +258,7 @@ pub struct AttnPack<'a> {
 }
 
 impl CustomOp1 for AttnPack<'_> {
-    fn name(&self) -> &'static str {
-        "grating-attn-pack"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only_op1!("grating-attn-pack");
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         fn run<T: CudaDType + DeviceRepr>(
             op: &AttnPack<'_>,
@@ -435,12 +432,7 @@ pub struct AddRmsNorm<'a> {
 }
 
 impl CustomOp1 for AddRmsNorm<'_> {
-    fn name(&self) -> &'static str {
-        "grating-add-rms-norm"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only_op1!("grating-add-rms-norm");
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         fn run<T: CudaDType + DeviceRepr>(
             op: &AddRmsNorm<'_>,
@@ -507,12 +499,7 @@ pub struct FlashAttention<'a> {
 }
 
 impl CustomOp1 for FlashAttention<'_> {
-    fn name(&self) -> &'static str {
-        "grating-flash-attention"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        no_cpu(self.name())
-    }
+    gpu_only_op1!("grating-flash-attention");
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         fn run<T: CudaDType + DeviceRepr>(
             op: &FlashAttention<'_>,
@@ -521,13 +508,7 @@ impl CustomOp1 for FlashAttention<'_> {
             rows: usize,
         ) -> Result<CudaStorage> {
             let dev = s.device();
-            let suffix = if s.dtype() == DType::BF16 {
-                "bf16"
-            } else {
-                "f16"
-            };
-            let name = format!("flash_attn_d{}_{suffix}", op.head_dim);
-            let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let f = kernel!(dev, format!("flash_attn_d{}", op.head_dim), s.dtype());
             let src = view::<T>(s, l)?;
             let out = unsafe { dev.alloc::<T>(rows * op.n_heads * op.head_dim)? };
             let tiles = Operand::of(op.tiles);
@@ -788,11 +769,30 @@ fn lt_linear<T: CudaDType + DeviceRepr>(
         dtype,
         bias_ptr.is_some(),
     );
-    let (wp, w_sync) = wv.device_ptr(&stream);
-    let (xp, x_sync) = xv.device_ptr(&stream);
-    let (yp, y_sync) = out.device_ptr_mut(&stream);
-    let run = |choice: &LtChoice| -> Result<()> {
+    let cached = lt
+        .algos
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .copied();
+    let choice = match cached {
+        Some(c) => c,
+        None => {
+            let c = lt_heuristic(lt.handle, desc.0, [a_l.0, b_l.0, c_l.0])?;
+            let mut algos = lt.algos.lock().unwrap_or_else(|p| p.into_inner());
+            // Row counts vary per batch; a long-running server must not grow this forever.
+            if algos.len() >= 4096 {
+                algos.clear();
+            }
+            algos.insert(key, c);
+            c
+        }
+    };
+    {
         let (alpha, beta) = (1f32, 0f32);
+        let (wp, _w_sync) = wv.device_ptr(&stream);
+        let (xp, _x_sync) = xv.device_ptr(&stream);
+        let (yp, _y_sync) = out.device_ptr_mut(&stream);
         // Freed (stream-ordered) right after the GEMM is queued.
         let workspace = unsafe { dev.alloc::<u8>(choice.workspace.max(1))? };
         let (wsp, _ws_sync) = workspace.device_ptr(&stream);
@@ -816,29 +816,8 @@ fn lt_linear<T: CudaDType + DeviceRepr>(
                 stream.cu_stream() as *mut _,
             )
         }
-        .map_err(|e| lt_err("matmul", e))
-    };
-    let cached = lt
-        .algos
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .copied();
-    let choice = match cached {
-        Some(c) => c,
-        None => {
-            let c = lt_heuristic(lt.handle, desc.0, [a_l.0, b_l.0, c_l.0])?;
-            let mut algos = lt.algos.lock().unwrap_or_else(|p| p.into_inner());
-            // Row counts vary per batch; a long-running server must not grow this forever.
-            if algos.len() >= 4096 {
-                algos.clear();
-            }
-            algos.insert(key, c);
-            c
-        }
-    };
-    run(&choice)?;
-    drop((w_sync, x_sync, y_sync));
+        .map_err(|e| lt_err("matmul", e))?;
+    }
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from(shape),

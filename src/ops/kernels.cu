@@ -214,32 +214,24 @@ __device__ void add_rms_norm(const T *x, const T *res, const T *gamma, T *out, T
 // in base 2. `tiles` holds (first row, length, first query row) per query tile.
 
 template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0,
-                                               uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-        return *reinterpret_cast<uint32_t *>(&v);
-    }
-};
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0,
-                                               uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-        __half2 v = __floats2half2_rn(lo, hi);
-        return *reinterpret_cast<uint32_t *>(&v);
-    }
-};
+// mma.m16n8k16 (f32 accumulators c, A fragment a, B fragment b0 b1) and packing two floats
+// into one register of the element type, per 16-bit type.
+#define MMA_FOR(T, T2, PTX_TYPE, PACK)                                                            \
+    template <> struct Mma<T> {                                                                  \
+        static __device__ __forceinline__ void run(float c[4], const uint32_t a[4], uint32_t b0, \
+                                                   uint32_t b1) {                                \
+            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_TYPE "." PTX_TYPE ".f32 "   \
+                         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                \
+                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                        \
+                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));         \
+        }                                                                                        \
+        static __device__ __forceinline__ uint32_t pack(float lo, float hi) {                    \
+            T2 v = PACK(lo, hi);                                                                 \
+            return *reinterpret_cast<uint32_t *>(&v);                                            \
+        }                                                                                        \
+    };
+MMA_FOR(__nv_bfloat16, __nv_bfloat162, "bf16", __floats2bfloat162_rn)
+MMA_FOR(__half, __half2, "f16", __floats2half2_rn)
 
 // Four transposed 8x8 b16 matrices from shared memory; lanes 8i..8i+7 address matrix i's rows.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *row_addr) {

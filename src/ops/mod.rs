@@ -281,28 +281,19 @@ pub fn add_rms_norm(
         && gpu_path_enabled(GpuPath::Norm)
     {
         let gamma = gamma.to_dtype(x.dtype())?;
-        return match residual {
-            Some(r) => {
-                // Safety: every element of `sum` is written by the kernel before any read.
-                let sum = unsafe { Tensor::empty(x.shape(), x.dtype(), x.device())? };
-                let normed = x.apply_op1_no_bwd(&cuda::AddRmsNorm {
-                    residual: Some(r),
-                    gamma: &gamma,
-                    sum: &sum,
-                    eps: eps as f32,
-                })?;
-                Ok((normed, sum))
-            }
-            None => {
-                let normed = x.apply_op1_no_bwd(&cuda::AddRmsNorm {
-                    residual: None,
-                    gamma: &gamma,
-                    sum: x,
-                    eps: eps as f32,
-                })?;
-                Ok((normed, x.clone()))
-            }
+        // With a residual, every element of the fresh `sum` is written by the kernel before
+        // any read; without one the kernel leaves `sum` (x itself) alone.
+        let sum = match residual {
+            Some(_) => unsafe { Tensor::empty(x.shape(), x.dtype(), x.device())? },
+            None => x.clone(),
         };
+        let normed = x.apply_op1_no_bwd(&cuda::AddRmsNorm {
+            residual,
+            gamma: &gamma,
+            sum: &sum,
+            eps: eps as f32,
+        })?;
+        return Ok((normed, sum));
     }
     let sum = match residual {
         Some(r) => (x + r)?,

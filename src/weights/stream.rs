@@ -98,7 +98,9 @@ const READ_PIECE: usize = 4 << 20;
 /// on a large GPU; the host's cores are otherwise idle there. (On the CPU they compute.)
 #[cfg(feature = "cuda")]
 fn gpu_reader_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    // Asked once: the answer can involve reading cgroup files, and layers are read often.
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
 }
 
 /// Reads `plan`'s tensors, in file order, into `buf`, split into contiguous parts read by
