@@ -4,8 +4,8 @@
 
 mod common;
 
-use grating::engine::shared::{Job, QueueOrder, SharedEngine, SharedOptions};
-use grating::engine::{sigmoid, EngineOptions, Mode, RerankRequest, Reranker};
+use grating::engine::shared::{Job, LayerSource, QueueOrder, SharedEngine, SharedOptions};
+use grating::engine::{sigmoid, EngineOptions, Mode, RerankRequest, Reranker, WeightsMode};
 use grating::prune::PruneConfig;
 use grating::server::client::{get, post_json, request, HttpResponse};
 use grating::server::{RunningServer, ServerConfig};
@@ -464,19 +464,53 @@ fn concurrent_requests_get_the_answers_they_get_alone() {
     }
 }
 
+/// The model with streamed weights.
+fn streamed_reranker() -> Option<Arc<Reranker>> {
+    static R: OnceLock<Option<Arc<Reranker>>> = OnceLock::new();
+    R.get_or_init(|| {
+        let dir = common::shared_model(MODEL)?;
+        let opts = EngineOptions {
+            weights: WeightsMode::Stream,
+            ..Default::default()
+        };
+        Some(Arc::new(
+            Reranker::load(dir.to_str().unwrap(), &opts).expect("load model, streamed"),
+        ))
+    })
+    .clone()
+}
+
 /// The engine alone, with a tiny step budget and small chunks so requests interleave at chunk
-/// granularity across many steps and get repacked: answers must be bit-identical to lone runs.
+/// granularity across many steps and get repacked: answers must be bit-identical to lone runs,
+/// whatever the queue order, with resident or streamed layers (read ahead by prediction, kept
+/// built across steps or not).
 #[test]
 fn shared_engine_interleaving_is_exact() {
-    let Some(r) = reranker() else { return };
+    let (Some(resident), Some(streamed)) = (reranker(), streamed_reranker()) else {
+        return;
+    };
     let all = passages(120);
     let chunk_tokens = 600;
-    for order in [QueueOrder::LeastAttained, QueueOrder::ShortestRemaining] {
+    let configs = [
+        (QueueOrder::LeastAttained, false, 2),
+        (QueueOrder::ShortestRemaining, false, 2),
+        (QueueOrder::Alternating, false, 2),
+        (QueueOrder::Alternating, true, 1),
+        (QueueOrder::LeastAttained, true, 2),
+    ];
+    for (order, stream, cached_layers) in configs {
+        let r = if stream { &streamed } else { &resident };
+        let layer_source = match r.streaming() {
+            Some(s) if stream => LayerSource::Stream(s.clone()),
+            _ => LayerSource::Resident,
+        };
         let engine = SharedEngine::start(
             r.model().clone(),
             SharedOptions {
                 step_tokens: 1500,
                 order,
+                layer_source,
+                cached_layers,
                 ..Default::default()
             },
         );
@@ -517,13 +551,22 @@ fn shared_engine_interleaving_is_exact() {
             );
         }
         let c = engine.counters();
-        let steps = c.steps.load(std::sync::atomic::Ordering::Relaxed);
-        let served = c.request_steps.load(std::sync::atomic::Ordering::Relaxed);
-        eprintln!("{order:?}: {steps} steps served {served} request-steps");
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let (steps, served) = (load(&c.steps), load(&c.request_steps));
+        let (loads, ahead) = (load(&c.layer_loads), load(&c.read_ahead_hits));
+        eprintln!(
+            "{order:?}, streamed {stream}, {cached_layers} cached: {steps} steps served \
+             {served} request-steps; {loads} layer loads, {ahead} read ahead"
+        );
         assert!(
             served > steps,
             "{order:?}: no step was shared between requests"
         );
+        // Steps at the layer of the previous step reuse it.
+        assert!(loads < steps, "{order:?}: every step loaded its layer");
+        if stream {
+            assert!(ahead > 0, "{order:?}: no layer was read ahead");
+        }
         engine.shutdown();
     }
 }

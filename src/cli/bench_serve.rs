@@ -1,8 +1,9 @@
 //! `grating bench-serve`: a bounded load benchmark of the server on loopback. For each mode
-//! (layer sharing, then one request after another) it starts an in-process server, measures a
-//! small request alone, then runs closed-loop clients at each concurrency with a fixed mix of
-//! request sizes (BM25 candidates from the TREC DL19 subset) and prints throughput and p50/p99
-//! latencies.
+//! (layer sharing, then one request after another) it starts an in-process server, times every
+//! small request the levels will send alone, then runs closed-loop clients at each concurrency
+//! with a fixed mix of request sizes (BM25 candidates from the TREC DL19 subset) and prints
+//! throughput, p50/p99 latencies, and how much slower each small request was under load than
+//! alone.
 
 use super::common::ModelArgs;
 use super::serve::ServerArgs;
@@ -40,8 +41,9 @@ pub struct BenchServeArgs {
     /// Upper bound on one level's duration in seconds (no new requests after it).
     #[arg(long, default_value_t = 120.0)]
     pub max_seconds: f64,
-    /// Times the small request is run alone to get its reference latency.
-    #[arg(long, default_value_t = 5)]
+    /// Times each small request of the levels is timed alone (after one untimed warm-up run);
+    /// its median is its latency alone.
+    #[arg(long, default_value_t = 1)]
     pub alone_runs: usize,
     /// Modes to run: shared, sequential.
     #[arg(long, value_delimiter = ',', default_value = "shared,sequential")]
@@ -63,8 +65,26 @@ struct Level {
     p99_ms: f64,
     small_p50_ms: f64,
     small_p99_ms: f64,
+    /// The same small requests' latencies alone (each timed alone before the levels).
     small_alone_p50_ms: f64,
+    small_alone_p99_ms: f64,
+    /// Per small request: its latency under load over its own latency alone.
+    small_slowdown_p50: f64,
+    small_slowdown_p99: f64,
     sharing_factor: f64,
+    /// Steps that obtained (streamed: read) their layer, and of those, how many found it read
+    /// ahead; seconds steps waited for layer reads.
+    layer_loads: u64,
+    read_ahead_hits: u64,
+    stall_seconds: f64,
+    /// Steps run, and tokens times layers computed.
+    steps: u64,
+    token_layers: u64,
+    /// Seconds spent embedding requests (embedder thread), and obtaining layers and running
+    /// them (scheduler thread).
+    embed_seconds: f64,
+    obtain_seconds: f64,
+    compute_seconds: f64,
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -129,24 +149,60 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             )?;
             Ok((r.status, t.elapsed().as_secs_f64() * 1e3))
         };
-        // Warm-up (each request the alone runs use, so that embedding rows and layers are as
-        // warm as under load), then the small request alone.
-        for body in bodies.iter().take(args.alone_runs.max(1)) {
-            send(&body[0])?;
+        // Every small request the levels send, timed alone after an untimed run of it (so its
+        // embedding rows are as warm as under load, where it has run before).
+        let max_total = args
+            .concurrency
+            .iter()
+            .map(|&c| args.requests.max(c))
+            .max()
+            .unwrap_or(0);
+        let small_queries: Vec<usize> = {
+            let mut q: Vec<usize> = (0..max_total)
+                .filter(|j| args.sizes[j % args.sizes.len()] == small)
+                .map(|j| (j / args.sizes.len()) % nq)
+                .collect();
+            q.sort_unstable();
+            q.dedup();
+            q
+        };
+        let mut alone = vec![f64::NAN; nq];
+        for &q in &small_queries {
+            let body = &bodies[q][0];
+            send(body)?;
+            let mut times: Vec<f64> = Vec::new();
+            for _ in 0..args.alone_runs.max(1) {
+                times.push(send(body)?.1);
+            }
+            alone[q] = percentile(&mut times, 50.0);
         }
-        let mut alone: Vec<f64> = Vec::new();
-        for i in 0..args.alone_runs.max(1) {
-            alone.push(send(&bodies[i % nq][0])?.1);
-        }
-        let alone_p50 = percentile(&mut alone, 50.0);
-        eprintln!("[{mode}] small request ({small} candidates) alone: p50 {alone_p50:.0} ms");
+        let mut all_alone: Vec<f64> = small_queries.iter().map(|&q| alone[q]).collect();
+        eprintln!(
+            "[{mode}] {} small requests ({small} candidates) alone: p50 {:.0} ms, p99 {:.0} ms",
+            small_queries.len(),
+            percentile(&mut all_alone.clone(), 50.0),
+            percentile(&mut all_alone, 99.0)
+        );
         for &c in &args.concurrency {
             let total = args.requests.max(c);
             let next = AtomicUsize::new(0);
+            // (request number, status, latency ms)
             let results: Mutex<Vec<(usize, u16, f64)>> = Mutex::new(Vec::new());
             let counters = server.state.engine().counters();
-            let steps0 = counters.steps.load(Ordering::Relaxed);
-            let rsteps0 = counters.request_steps.load(Ordering::Relaxed);
+            let snapshot = || {
+                [
+                    counters.steps.load(Ordering::Relaxed),
+                    counters.request_steps.load(Ordering::Relaxed),
+                    counters.layer_loads.load(Ordering::Relaxed),
+                    counters.read_ahead_hits.load(Ordering::Relaxed),
+                    counters.stall_micros.load(Ordering::Relaxed),
+                    counters.token_layers.load(Ordering::Relaxed),
+                    counters.embed_micros.load(Ordering::Relaxed),
+                    counters.obtain_micros.load(Ordering::Relaxed),
+                    counters.compute_micros.load(Ordering::Relaxed),
+                ]
+            };
+            let before = snapshot();
             let start = Instant::now();
             let limit = Duration::from_secs_f64(args.max_seconds);
             std::thread::scope(|s| {
@@ -156,24 +212,27 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
                         if j >= total || start.elapsed() > limit {
                             break;
                         }
-                        let size_slot = j % args.sizes.len();
-                        let body = &bodies[(j / args.sizes.len()) % nq][size_slot];
+                        let body = &bodies[(j / args.sizes.len()) % nq][j % args.sizes.len()];
                         let r = send(body).unwrap_or((0, f64::NAN));
-                        results.lock().expect("results").push((size_slot, r.0, r.1));
+                        results.lock().expect("results").push((j, r.0, r.1));
                     });
                 }
             });
             let secs = start.elapsed().as_secs_f64();
+            let after = snapshot();
+            let [steps, rsteps, loads, hits, stall, token_layers, embed, obtain, compute] =
+                std::array::from_fn(|i| after[i].saturating_sub(before[i]));
             let res = results.into_inner().expect("results");
             let ok: Vec<&(usize, u16, f64)> = res.iter().filter(|r| r.1 == 200).collect();
             let mut all: Vec<f64> = ok.iter().map(|r| r.2).collect();
-            let mut sm: Vec<f64> = ok
+            let small_ok: Vec<(f64, f64)> = ok
                 .iter()
-                .filter(|r| args.sizes[r.0] == small)
-                .map(|r| r.2)
+                .filter(|r| args.sizes[r.0 % args.sizes.len()] == small)
+                .map(|r| (r.2, alone[(r.0 / args.sizes.len()) % nq]))
                 .collect();
-            let steps = counters.steps.load(Ordering::Relaxed) - steps0;
-            let rsteps = counters.request_steps.load(Ordering::Relaxed) - rsteps0;
+            let mut sm: Vec<f64> = small_ok.iter().map(|r| r.0).collect();
+            let mut sm_alone: Vec<f64> = small_ok.iter().map(|r| r.1).collect();
+            let mut slowdown: Vec<f64> = small_ok.iter().map(|r| r.0 / r.1).collect();
             let l = Level {
                 mode: mode.clone(),
                 concurrency: c,
@@ -185,12 +244,23 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
                 p99_ms: percentile(&mut all, 99.0),
                 small_p50_ms: percentile(&mut sm, 50.0),
                 small_p99_ms: percentile(&mut sm, 99.0),
-                small_alone_p50_ms: alone_p50,
+                small_alone_p50_ms: percentile(&mut sm_alone, 50.0),
+                small_alone_p99_ms: percentile(&mut sm_alone, 99.0),
+                small_slowdown_p50: percentile(&mut slowdown, 50.0),
+                small_slowdown_p99: percentile(&mut slowdown, 99.0),
                 sharing_factor: if steps > 0 {
                     rsteps as f64 / steps as f64
                 } else {
                     0.0
                 },
+                layer_loads: loads,
+                read_ahead_hits: hits,
+                stall_seconds: stall as f64 * 1e-6,
+                steps,
+                token_layers,
+                embed_seconds: embed as f64 * 1e-6,
+                obtain_seconds: obtain as f64 * 1e-6,
+                compute_seconds: compute as f64 * 1e-6,
             };
             eprintln!(
                 "[{mode}] c={c}: {} ok, {} errors in {secs:.1}s, {:.2} req/s, p50 {:.0} ms, p99 {:.0} ms, small p99 {:.0} ms",
@@ -214,7 +284,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         args.requests
     );
     println!(
-        "{:<11} {:>4} {:>5} {:>4} {:>7} {:>8} {:>8} {:>8} {:>10} {:>10} {:>10} {:>7}",
+        "{:<11} {:>4} {:>5} {:>4} {:>6} {:>7} {:>7} {:>7} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>6} {:>7} {:>6} {:>7}",
         "mode",
         "conc",
         "ok",
@@ -225,24 +295,34 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         "p99_ms",
         "small_p50",
         "small_p99",
-        "small_alone",
-        "share"
+        "alone_p50",
+        "alone_p99",
+        "slow_p50",
+        "slow_p99",
+        "share",
+        "loads",
+        "ahead",
+        "stall_s"
     );
     for l in &levels {
         println!(
-            "{:<11} {:>4} {:>5} {:>4} {:>7.1} {:>8.2} {:>8.0} {:>8.0} {:>10.0} {:>10.0} {:>10.0} {:>7.2}",
+            "{:<11} {:>4} {:>5} {:>4} {:>6.1} {:>7.2} {:>7.0} {:>7.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>9.2} {:>9.2} {:>6.2} {:>7} {:>6} {:>7.2}",
             l.mode, l.concurrency, l.requests, l.errors, l.seconds, l.throughput_rps, l.p50_ms, l.p99_ms,
-            l.small_p50_ms, l.small_p99_ms, l.small_alone_p50_ms, l.sharing_factor
+            l.small_p50_ms, l.small_p99_ms, l.small_alone_p50_ms, l.small_alone_p99_ms,
+            l.small_slowdown_p50, l.small_slowdown_p99, l.sharing_factor, l.layer_loads,
+            l.read_ahead_hits, l.stall_seconds
         );
     }
     for &c in &args.concurrency {
         let get = |m: &str| levels.iter().find(|l| l.mode == m && l.concurrency == c);
         if let (Some(s), Some(q)) = (get("shared"), get("sequential")) {
             println!(
-                "c={c}: throughput shared/sequential {:.2}x; small p99 / small alone: shared {:.2}x, sequential {:.2}x",
+                "c={c}: throughput shared/sequential {:.2}x; small p99 under load / the same requests' p99 alone: shared {:.2}x, sequential {:.2}x; per-request slowdown p99: shared {:.2}x, sequential {:.2}x",
                 s.throughput_rps / q.throughput_rps,
-                s.small_p99_ms / s.small_alone_p50_ms,
-                q.small_p99_ms / q.small_alone_p50_ms
+                s.small_p99_ms / s.small_alone_p99_ms,
+                q.small_p99_ms / q.small_alone_p99_ms,
+                s.small_slowdown_p99,
+                q.small_slowdown_p99
             );
         }
     }

@@ -37,9 +37,14 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = grating::engine::shared::DEFAULT_STEP_TOKENS)]
     pub step_tokens: usize,
     /// Who gets each layer step first: the request with the least work done so far
-    /// (least-attained) or with the least work left (shortest-remaining).
+    /// (least-attained), with the least work left (shortest-remaining), or the two on
+    /// alternate steps (alternating).
     #[arg(long, value_enum, default_value_t = QueueOrderArg::LeastAttained)]
     pub queue_order: QueueOrderArg,
+    /// Layers the scheduler keeps built between steps (streamed or reloaded weights): steps
+    /// that alternate between two layers then read neither again.
+    #[arg(long, default_value_t = grating::engine::shared::DEFAULT_CACHED_LAYERS)]
+    pub cached_layers: usize,
     /// Run requests one after another instead of sharing layer steps between them.
     #[arg(long)]
     pub no_layer_sharing: bool,
@@ -57,12 +62,13 @@ pub struct ServerArgs {
 pub enum QueueOrderArg {
     ShortestRemaining,
     LeastAttained,
+    Alternating,
 }
 
 impl ServerArgs {
     pub fn config(&self, reranker: &Reranker, api_key: Option<String>) -> Result<ServerConfig> {
-        if self.chunk_tokens == 0 || self.step_tokens == 0 {
-            bail!("--chunk-tokens and --step-tokens must be positive");
+        if self.chunk_tokens == 0 || self.step_tokens == 0 || self.cached_layers == 0 {
+            bail!("--chunk-tokens, --step-tokens and --cached-layers must be positive");
         }
         if self.max_documents == 0 || self.max_concurrent_requests == 0 {
             bail!("--max-documents and --max-concurrent-requests must be positive");
@@ -85,7 +91,9 @@ impl ServerArgs {
             queue_order: match self.queue_order {
                 QueueOrderArg::ShortestRemaining => QueueOrder::ShortestRemaining,
                 QueueOrderArg::LeastAttained => QueueOrder::LeastAttained,
+                QueueOrderArg::Alternating => QueueOrder::Alternating,
             },
+            cached_layers: self.cached_layers,
             step_tokens: self.step_tokens,
             reload_layers: self.reload_layers,
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace),

@@ -67,6 +67,9 @@ pub const DEFAULT_STEP_TOKENS: usize = 4096;
 /// Steps a request may be passed over before it goes first regardless of attained service.
 pub const DEFAULT_STARVE_AFTER_STEPS: u32 = 32;
 
+/// Built layers kept between steps.
+pub const DEFAULT_CACHED_LAYERS: usize = 2;
+
 /// Where the scheduler gets a layer's weights for each step.
 pub enum LayerSource {
     /// The model's resident layers.
@@ -92,6 +95,32 @@ pub enum QueueOrder {
     /// ahead, an upper bound since pruning only removes work), ties by arrival. Small requests
     /// are not preempted by large newcomers; fewer requests share each step.
     ShortestRemaining,
+    /// Steps alternate between the two: even steps go to the request with the least work
+    /// left, odd steps to the one with the least attained service. A small request advances
+    /// at least every other step whatever the newcomers, and the other steps keep sharing
+    /// layer reads among newcomers and large requests.
+    Alternating,
+}
+
+/// What one step's queue is sorted by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rank {
+    /// Token-layers computed so far, fewest first.
+    Attained,
+    /// Token-layers still to compute at most, fewest first.
+    Remaining,
+}
+
+impl QueueOrder {
+    /// The rank that orders step number `step`.
+    pub fn rank(self, step: u64) -> Rank {
+        match self {
+            QueueOrder::LeastAttained => Rank::Attained,
+            QueueOrder::ShortestRemaining => Rank::Remaining,
+            QueueOrder::Alternating if step % 2 == 0 => Rank::Remaining,
+            QueueOrder::Alternating => Rank::Attained,
+        }
+    }
 }
 
 pub struct SharedOptions {
@@ -104,6 +133,9 @@ pub struct SharedOptions {
     pub max_active: usize,
     pub starve_after_steps: u32,
     pub layer_source: LayerSource,
+    /// Layers kept built between steps (at least 1): steps that alternate between requests
+    /// at two layers find both without reading either again.
+    pub cached_layers: usize,
 }
 
 impl Default for SharedOptions {
@@ -115,6 +147,7 @@ impl Default for SharedOptions {
             max_active: 64,
             starve_after_steps: DEFAULT_STARVE_AFTER_STEPS,
             layer_source: LayerSource::Resident,
+            cached_layers: DEFAULT_CACHED_LAYERS,
         }
     }
 }
@@ -157,6 +190,16 @@ pub struct Counters {
     pub token_layers: AtomicU64,
     /// Microseconds steps waited for streamed weights.
     pub stall_micros: AtomicU64,
+    /// Steps that had to obtain their layer (a read when streaming); the others reused the
+    /// previous step's layer.
+    pub layer_loads: AtomicU64,
+    /// Streamed layer loads that found their layer already read ahead.
+    pub read_ahead_hits: AtomicU64,
+    /// Microseconds spent embedding requests (on the embedder thread), and on the scheduler's
+    /// thread obtaining layers (stalls included) and running them (scoring included).
+    pub embed_micros: AtomicU64,
+    pub obtain_micros: AtomicU64,
+    pub compute_micros: AtomicU64,
 }
 
 enum Msg {
@@ -172,25 +215,42 @@ pub struct SharedEngine {
     /// submitted later, is answered with `Cancelled` (so a request racing the cancellation
     /// cannot slip through).
     cancelled: Arc<AtomicBool>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// The embedder, then the scheduler.
+    threads: Mutex<Vec<JoinHandle<()>>>,
     counters: Arc<Counters>,
 }
 
 impl SharedEngine {
     pub fn start(model: Arc<dyn RerankModel>, opts: SharedOptions) -> SharedEngine {
         let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
         let counters = Arc::new(Counters::default());
-        let c = counters.clone();
         let cancelled = Arc::new(AtomicBool::new(false));
-        let flag = cancelled.clone();
-        let thread = std::thread::Builder::new()
+        // With sharing, as many requests hold hidden states as may be admitted; without, the
+        // running one and the next one, embedded while the first runs.
+        let holders = Arc::new(Holders {
+            count: Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            limit: if opts.layer_sharing {
+                opts.max_active.max(1)
+            } else {
+                2
+            },
+        });
+        let (m, c, flag) = (model.clone(), counters.clone(), cancelled.clone());
+        let embedder = std::thread::Builder::new()
+            .name("grating-embedder".into())
+            .spawn(move || embedder(m, rx, ready_tx, holders, flag, c))
+            .expect("spawn the embedder thread");
+        let (c, flag) = (counters.clone(), cancelled.clone());
+        let scheduler = std::thread::Builder::new()
             .name("grating-scheduler".into())
-            .spawn(move || Scheduler::new(model, opts, c, flag).run(rx))
+            .spawn(move || Scheduler::new(model, opts, c, flag).run(ready_rx))
             .expect("spawn the scheduler thread");
         SharedEngine {
             tx: Mutex::new(Some(tx)),
             cancelled,
-            thread: Mutex::new(Some(thread)),
+            threads: Mutex::new(vec![embedder, scheduler]),
             counters,
         }
     }
@@ -234,7 +294,8 @@ impl SharedEngine {
     /// Stops accepting jobs, lets the admitted and queued ones finish, and joins the thread.
     pub fn shutdown(&self) {
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
             let _ = t.join();
         }
     }
@@ -262,6 +323,9 @@ pub struct StepCandidate {
     pub idle_steps: u32,
     /// Tokens of its chunks still to run at `layer`, in order.
     pub chunk_tokens: Vec<usize>,
+    /// Tokens of all its live chunks (what it runs at the next layer unless pruning shrinks
+    /// it).
+    pub live_chunk_tokens: Vec<usize>,
 }
 
 /// A planned step: the layer, and `(request position, chunks to run)` in service order.
@@ -278,16 +342,16 @@ pub fn plan_step(
     cands: &[StepCandidate],
     budget: usize,
     starve_after: u32,
-    queue: QueueOrder,
+    rank: Rank,
 ) -> Option<StepPlan> {
     let mut order: Vec<usize> = (0..cands.len())
         .filter(|&i| !cands[i].chunk_tokens.is_empty())
         .collect();
     order.sort_by_key(|&i| {
         let c = &cands[i];
-        let work = match queue {
-            QueueOrder::ShortestRemaining => c.remaining,
-            QueueOrder::LeastAttained => c.attained,
+        let work = match rank {
+            Rank::Remaining => c.remaining,
+            Rank::Attained => c.attained,
         };
         (c.idle_steps < starve_after, work, c.seq)
     });
@@ -325,6 +389,44 @@ pub fn plan_step(
     Some(StepPlan { layer, work })
 }
 
+/// The layer of the step after `plan`, as far as the scheduler can tell now: the candidates
+/// are advanced by the plan (a request that completes its layer moves on with all its live
+/// chunks, one past the last layer leaves) and planned again. Arrivals and pruning can change
+/// it; the streamed layer read ahead for it is then wasted and the step reads its own.
+pub fn predict_next_layer(
+    cands: &[StepCandidate],
+    plan: &StepPlan,
+    num_layers: usize,
+    budget: usize,
+    starve_after: u32,
+    rank: Rank,
+) -> Option<usize> {
+    let mut after: Vec<StepCandidate> = Vec::with_capacity(cands.len());
+    for (i, c) in cands.iter().enumerate() {
+        let mut c = c.clone();
+        match plan.work.iter().find(|w| w.0 == i) {
+            Some(&(_, n)) => {
+                let n = n.min(c.chunk_tokens.len());
+                let ran: usize = c.chunk_tokens.drain(..n).sum();
+                c.attained += ran as u64;
+                c.remaining = c.remaining.saturating_sub(ran as u64);
+                c.idle_steps = 0;
+                if c.chunk_tokens.is_empty() {
+                    c.layer += 1;
+                    if c.layer >= num_layers {
+                        continue;
+                    }
+                    c.chunk_tokens = c.live_chunk_tokens.clone();
+                }
+            }
+            None if !c.chunk_tokens.is_empty() => c.idle_steps = c.idle_steps.saturating_add(1),
+            None => {}
+        }
+        after.push(c);
+    }
+    plan_step(&after, budget, starve_after, rank).map(|p| p.layer)
+}
+
 /// An admitted request.
 struct Active {
     seq: u64,
@@ -342,16 +444,28 @@ struct Active {
     idle_steps: u32,
     layers_done: Vec<u16>,
     stats: RequestStats,
+    /// When its embedding started (its engine time counts from here).
     admitted: Instant,
+    embed_seconds: f64,
     layer_tokens: usize,
     layer_seconds: f64,
     finals: Vec<(usize, f32)>,
     done: bool,
+    _slot: HolderSlot,
 }
 
 impl Active {
     fn finish(&mut self, result: Result<Vec<Scored>>, counters: &Counters) {
         self.done = true;
+        tracing::debug!(
+            target: "grating::step",
+            seq = self.seq,
+            candidates = self.pairs.len(),
+            layer = self.layer,
+            ok = result.is_ok(),
+            engine_ms = self.admitted.elapsed().as_secs_f64() * 1e3,
+            "request done"
+        );
         let result = result.map(|ranked| {
             let mut stats = std::mem::take(&mut self.stats);
             stats.layers_per_candidate = std::mem::take(&mut self.layers_done);
@@ -380,13 +494,20 @@ struct Scheduler {
     model: Arc<dyn RerankModel>,
     opts: SharedOptions,
     counters: Arc<Counters>,
-    pending: VecDeque<Box<Job>>,
+    /// Embedded requests waiting for admission.
+    pending: VecDeque<Box<Active>>,
     active: Vec<Active>,
     next_seq: u64,
     open: bool,
     cancelled: Arc<AtomicBool>,
     /// Streaming: the layer being read ahead for the next step.
     read_ahead: Option<(usize, crate::weights::stream::LayerStream)>,
+    /// Layers built by recent steps, least recently used first (at most `cached_layers`): a
+    /// step at one of them (a request whose chunks at a layer exceed one step's budget, or
+    /// alternating steps) reuses it instead of obtaining it again.
+    built: VecDeque<(usize, Arc<dyn LayerBlock>)>,
+    /// Steps planned so far (the alternating order's parity).
+    steps: u64,
 }
 
 impl Scheduler {
@@ -406,10 +527,12 @@ impl Scheduler {
             open: true,
             cancelled,
             read_ahead: None,
+            built: VecDeque::new(),
+            steps: 0,
         }
     }
 
-    fn run(mut self, rx: Receiver<Msg>) {
+    fn run(mut self, rx: Receiver<Ready>) {
         loop {
             // Take what has arrived; block only when there is nothing to compute.
             loop {
@@ -435,8 +558,8 @@ impl Scheduler {
                     break;
                 };
                 match msg {
-                    Msg::Job(j) => self.pending.push_back(j),
-                    Msg::CancelAll => {}
+                    Ready::Request(a) => self.pending.push_back(a),
+                    Ready::CancelAll => {}
                 }
             }
             if self.cancelled.load(Ordering::SeqCst) {
@@ -456,11 +579,14 @@ impl Scheduler {
     }
 
     fn cancel_all(&mut self) {
-        for job in self.pending.drain(..) {
+        for mut a in self.pending.drain(..) {
             self.counters.pending.fetch_sub(1, Ordering::SeqCst);
-            (job.reply)(Err(GratingError::Cancelled(
-                "the server is shutting down".into(),
-            )));
+            a.finish(
+                Err(GratingError::Cancelled(
+                    "the server is shutting down".into(),
+                )),
+                &self.counters,
+            );
         }
         for a in &mut self.active {
             a.finish(
@@ -479,13 +605,15 @@ impl Scheduler {
             cancel.load(Ordering::Relaxed) || deadline.is_some_and(|d| now >= d)
         };
         let counters = &self.counters;
-        self.pending.retain_mut(|j| {
-            if expired(&j.cancel, j.deadline) {
+        self.pending.retain_mut(|a| {
+            if expired(&a.cancel, a.deadline) {
                 counters.pending.fetch_sub(1, Ordering::SeqCst);
-                let reply = std::mem::replace(&mut j.reply, Box::new(|_| {}));
-                reply(Err(GratingError::Cancelled(
-                    "deadline exceeded or cancelled".into(),
-                )));
+                a.finish(
+                    Err(GratingError::Cancelled(
+                        "deadline exceeded or cancelled".into(),
+                    )),
+                    counters,
+                );
                 false
             } else {
                 true
@@ -504,8 +632,8 @@ impl Scheduler {
         self.active.retain(|a| !a.done);
     }
 
-    /// Admits waiting requests (all of them up to `max_active` with sharing; one at a time
-    /// without) and embeds their candidates.
+    /// Admits embedded requests (all of them up to `max_active` with sharing; one at a time
+    /// without).
     fn admit(&mut self) {
         let limit = if self.opts.layer_sharing {
             self.opts.max_active.max(1)
@@ -513,21 +641,20 @@ impl Scheduler {
             1
         };
         while self.active.len() < limit {
-            let Some(job) = self.pending.pop_front() else {
+            let Some(mut a) = self.pending.pop_front() else {
                 break;
             };
             self.counters.pending.fetch_sub(1, Ordering::SeqCst);
-            let seq = self.next_seq;
+            a.seq = self.next_seq;
             self.next_seq += 1;
-            let model = self.model.clone();
-            let admitted = catch_unwind(AssertUnwindSafe(|| admit_job(model.as_ref(), *job, seq)));
-            match admitted {
-                Ok(Some(a)) => self.active.push(a),
-                Ok(None) => {}
-                Err(_) => {
-                    tracing::error!("panic while admitting a request (answered with an error)")
-                }
-            }
+            tracing::debug!(
+                target: "grating::step",
+                seq = a.seq,
+                candidates = a.pairs.len(),
+                embed_us = (a.embed_seconds * 1e6) as u64,
+                "request admitted"
+            );
+            self.active.push(*a);
         }
         self.counters
             .active
@@ -548,11 +675,10 @@ impl Scheduler {
             .active
             .iter()
             .map(|a| {
-                let chunk_tokens: Vec<usize> = a.chunks[a.next_chunk..]
-                    .iter()
-                    .map(|c| c.batch.num_tokens())
-                    .collect();
-                let live: usize = a.chunks.iter().map(|c| c.batch.num_tokens()).sum();
+                let live_chunk_tokens: Vec<usize> =
+                    a.chunks.iter().map(|c| c.batch.num_tokens()).collect();
+                let chunk_tokens = live_chunk_tokens[a.next_chunk.min(a.chunks.len())..].to_vec();
+                let live: usize = live_chunk_tokens.iter().sum();
                 let later = num_layers.saturating_sub(a.layer + 1);
                 StepCandidate {
                     seq: a.seq,
@@ -561,18 +687,16 @@ impl Scheduler {
                     remaining: (chunk_tokens.iter().sum::<usize>() + live * later) as u64,
                     idle_steps: a.idle_steps,
                     chunk_tokens,
+                    live_chunk_tokens,
                 }
             })
             .collect();
-        let plan = plan_step(
-            &cands,
-            budget,
-            self.opts.starve_after_steps,
-            self.opts.order,
-        );
+        let rank = self.opts.order.rank(self.steps);
+        let plan = plan_step(&cands, budget, self.opts.starve_after_steps, rank);
         let Some(plan) = plan else {
             return;
         };
+        self.steps += 1;
         let _span =
             tracing::trace_span!("step", layer = plan.layer, requests = plan.work.len()).entered();
         let served: Vec<usize> = plan.work.iter().map(|w| w.0).collect();
@@ -584,7 +708,23 @@ impl Scheduler {
             }
         }
         let model = self.model.clone();
-        let layer = match catch_unwind(AssertUnwindSafe(|| self.obtain_layer(plan.layer))) {
+        // With nothing left after this step, the next work is a newcomer at layer 0.
+        let next = predict_next_layer(
+            &cands,
+            &plan,
+            num_layers,
+            budget,
+            self.opts.starve_after_steps,
+            self.opts.order.rank(self.steps),
+        )
+        .unwrap_or(0);
+        let t = Instant::now();
+        let obtained = catch_unwind(AssertUnwindSafe(|| self.obtain_layer(plan.layer, next)));
+        let obtain_us = t.elapsed().as_micros() as u64;
+        self.counters
+            .obtain_micros
+            .fetch_add(obtain_us, Ordering::Relaxed);
+        let layer = match obtained {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => return self.fail(&served, e),
             Err(_) => {
@@ -598,6 +738,7 @@ impl Scheduler {
         self.counters
             .request_steps
             .fetch_add(plan.work.len() as u64, Ordering::Relaxed);
+        let t = Instant::now();
         for &(i, n) in &plan.work {
             let counters = &self.counters;
             let a = &mut self.active[i];
@@ -612,23 +753,89 @@ impl Scheduler {
             tracing::error!(error = %err, "request failed inside the engine");
             a.finish(Err(err), counters);
         }
+        let computed = t.elapsed();
+        self.counters
+            .compute_micros
+            .fetch_add(computed.as_micros() as u64, Ordering::Relaxed);
+        if tracing::enabled!(target: "grating::step", tracing::Level::DEBUG) {
+            // One line per step (`GRATING_LOG=grating::step=debug`): who ran how many tokens.
+            let work: Vec<String> = plan
+                .work
+                .iter()
+                .map(|&(i, n)| {
+                    let c = &cands[i];
+                    let tokens: usize = c.chunk_tokens.iter().take(n).sum();
+                    format!(
+                        "{}:{}/{}",
+                        c.seq,
+                        tokens,
+                        c.live_chunk_tokens.iter().sum::<usize>()
+                    )
+                })
+                .collect();
+            tracing::debug!(
+                target: "grating::step",
+                layer = plan.layer,
+                rank = ?rank,
+                next,
+                loads = self.counters.layer_loads.load(Ordering::Relaxed),
+                active = self.active.len(),
+                work = work.join(" "),
+                obtain_us = obtain_us,
+                compute_us = computed.as_micros() as u64,
+            );
+        }
     }
 
-    fn obtain_layer(&mut self, l: usize) -> Result<Arc<dyn LayerBlock>> {
+    /// Layer `l` for this step; `next` is the predicted layer of the following step, read
+    /// ahead while this one computes when layers are streamed.
+    fn obtain_layer(&mut self, l: usize, next: usize) -> Result<Arc<dyn LayerBlock>> {
+        let block = match self.built.iter().position(|(bl, _)| *bl == l) {
+            Some(i) => {
+                let entry = self.built.remove(i).expect("position is in range");
+                let block = entry.1.clone();
+                self.built.push_back(entry);
+                block
+            }
+            None => {
+                // Evicted before the new layer is built: at most `cached_layers` are held.
+                while self.built.len() >= self.opts.cached_layers.max(1) {
+                    self.built.pop_front();
+                }
+                self.counters.layer_loads.fetch_add(1, Ordering::Relaxed);
+                let block = self.load_layer(l)?;
+                self.built.push_back((l, block.clone()));
+                block
+            }
+        };
+        if let LayerSource::Stream(s) = &self.opts.layer_source {
+            let have = self.built.iter().any(|(bl, _)| *bl == next)
+                || self.read_ahead.as_ref().is_some_and(|(pl, _)| *pl == next);
+            if !have {
+                self.read_ahead = Some((next, s.start(vec![next])));
+            }
+        }
+        Ok(block)
+    }
+
+    fn load_layer(&mut self, l: usize) -> Result<Arc<dyn LayerBlock>> {
         match &self.opts.layer_source {
             LayerSource::Resident => self.model.layer(l),
             LayerSource::Reload(src) => self.model.load_layer(l, src.as_ref()),
             LayerSource::Stream(s) => {
                 let mut stream = match self.read_ahead.take() {
-                    Some((pl, st)) if pl == l => st,
+                    Some((pl, st)) if pl == l => {
+                        self.counters
+                            .read_ahead_hits
+                            .fetch_add(1, Ordering::Relaxed);
+                        st
+                    }
                     _ => s.start(vec![l]),
                 };
                 let (block, stall) = stream.next(self.model.as_ref(), l)?;
                 self.counters
                     .stall_micros
                     .fetch_add((stall * 1e6) as u64, Ordering::Relaxed);
-                let next = (l + 1) % self.model.num_layers();
-                self.read_ahead = Some((next, s.start(vec![next])));
                 Ok(block)
             }
         }
@@ -642,9 +849,9 @@ impl Scheduler {
     }
 }
 
-/// Embeds a job's candidates into chunks (as [`super::monolithic::forward`] does). Answers
-/// and returns None when the job is refused.
-fn admit_job(model: &dyn RerankModel, job: Job, seq: u64) -> Option<Active> {
+/// Embeds a job's candidates into chunks (as [`super::monolithic::forward`] does), on the
+/// embedder thread. Answers the job and returns None when it is refused or fails.
+fn prepare(model: &dyn RerankModel, job: Job, slot: HolderSlot) -> Option<Active> {
     let Job {
         pairs,
         k,
@@ -655,31 +862,41 @@ fn admit_job(model: &dyn RerankModel, job: Job, seq: u64) -> Option<Active> {
         tokenize_seconds,
         reply,
     } = job;
-    let n = pairs.len();
-    if n == 0 || k == 0 {
-        reply(Err(GratingError::InvalidInput(
-            "a request needs at least one document and K of at least 1".into(),
-        )));
-        return None;
-    }
-    let info = model.info();
-    let budget = chunk_tokens.max(1);
-    let t = Instant::now();
-    let mut chunks = Vec::new();
-    for members in plan_chunks(&pairs, &length_order(&pairs), budget) {
-        let batch = pack(&pairs, &members);
-        match model.embed(&batch) {
-            Ok(hidden) => chunks.push(Chunk {
+    let started = Instant::now();
+    let embedded = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Chunk>> {
+        if pairs.is_empty() || k == 0 {
+            return Err(GratingError::InvalidInput(
+                "a request needs at least one document and K of at least 1".into(),
+            ));
+        }
+        let mut chunks = Vec::new();
+        for members in plan_chunks(&pairs, &length_order(&pairs), chunk_tokens.max(1)) {
+            let batch = pack(&pairs, &members);
+            let hidden = Hidden::Resident(model.embed(&batch)?);
+            chunks.push(Chunk {
                 members,
                 batch,
-                hidden: Hidden::Resident(hidden),
-            }),
-            Err(e) => {
-                reply(Err(e));
-                return None;
-            }
+                hidden,
+            });
         }
-    }
+        Ok(chunks)
+    }));
+    let chunks = match embedded {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            reply(Err(e));
+            return None;
+        }
+        Err(_) => {
+            tracing::error!("panic while embedding a request (answered with an error)");
+            reply(Err(GratingError::Internal(
+                "panic while embedding the request".into(),
+            )));
+            return None;
+        }
+    };
+    let info = model.info();
+    let n = pairs.len();
     let stats = RequestStats {
         mode: "grating-shared".into(),
         candidates: n,
@@ -687,17 +904,17 @@ fn admit_job(model: &dyn RerankModel, job: Job, seq: u64) -> Option<Active> {
         truncated: pairs.iter().filter(|p| p.truncated).count(),
         num_layers: info.num_layers,
         tokenize_seconds,
-        compute_seconds: t.elapsed().as_secs_f64(),
+        compute_seconds: started.elapsed().as_secs_f64(),
         ..Default::default()
     };
     let k = k.min(n);
     Some(Active {
-        seq,
+        seq: 0,
         state: PruneState::new(&prune, n, k, info.num_layers),
         layers_done: vec![0; n],
         pairs,
         k,
-        chunk_tokens: budget,
+        chunk_tokens: chunk_tokens.max(1),
         cancel,
         deadline,
         reply: Some(reply),
@@ -707,12 +924,107 @@ fn admit_job(model: &dyn RerankModel, job: Job, seq: u64) -> Option<Active> {
         attained: 0,
         idle_steps: 0,
         stats,
-        admitted: Instant::now(),
+        admitted: started,
+        embed_seconds: started.elapsed().as_secs_f64(),
         layer_tokens: 0,
         layer_seconds: 0.0,
         finals: Vec::new(),
         done: false,
+        _slot: slot,
     })
+}
+
+/// Bounds the requests holding hidden states (embedded and not yet answered): the embedder
+/// takes a slot before embedding one, and the slot is given back when its `Active` is dropped.
+struct Holders {
+    count: Mutex<usize>,
+    freed: std::sync::Condvar,
+    limit: usize,
+}
+
+impl Holders {
+    /// Waits for a free slot; None once `stop` is set (the job is then answered by the caller).
+    fn acquire(self: &Arc<Self>, stop: &AtomicBool) -> Option<HolderSlot> {
+        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= self.limit {
+            if stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            n = self
+                .freed
+                .wait_timeout(n, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *n += 1;
+        Some(HolderSlot(self.clone()))
+    }
+}
+
+struct HolderSlot(Arc<Holders>);
+
+impl Drop for HolderSlot {
+    fn drop(&mut self) {
+        let mut n = self.0.count.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        self.0.freed.notify_one();
+    }
+}
+
+/// The embedder thread: turns jobs into embedded requests, in arrival order, off the
+/// scheduler's thread (embedding a request with hundreds of candidates takes milliseconds that
+/// would otherwise stall every admitted request's step).
+fn embedder(
+    model: Arc<dyn RerankModel>,
+    rx: Receiver<Msg>,
+    tx: Sender<Ready>,
+    holders: Arc<Holders>,
+    cancelled: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+) {
+    for msg in rx {
+        let job = match msg {
+            Msg::Job(job) => job,
+            Msg::CancelAll => {
+                let _ = tx.send(Ready::CancelAll);
+                continue;
+            }
+        };
+        let Some(slot) = holders.acquire(&cancelled) else {
+            counters.pending.fetch_sub(1, Ordering::SeqCst);
+            (job.reply)(Err(GratingError::Cancelled(
+                "the server is shutting down".into(),
+            )));
+            continue;
+        };
+        let t = Instant::now();
+        let prepared = prepare(model.as_ref(), *job, slot);
+        counters
+            .embed_micros
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match prepared {
+            Some(a) => {
+                if let Err(mpsc::SendError(Ready::Request(mut a))) =
+                    tx.send(Ready::Request(Box::new(a)))
+                {
+                    counters.pending.fetch_sub(1, Ordering::SeqCst);
+                    a.finish(
+                        Err(GratingError::Internal("the scheduler has stopped".into())),
+                        &counters,
+                    );
+                }
+            }
+            None => {
+                counters.pending.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// What the embedder hands the scheduler.
+enum Ready {
+    Request(Box<Active>),
+    CancelAll,
 }
 
 /// Runs `layer` over the next `n` chunks of `a`; when that completes the layer, scores, prunes
@@ -823,6 +1135,7 @@ mod tests {
             remaining: 0,
             idle_steps: 0,
             chunk_tokens: chunks.to_vec(),
+            live_chunk_tokens: chunks.to_vec(),
         }
     }
 
@@ -834,8 +1147,8 @@ mod tests {
         }
     }
 
-    const LAS: QueueOrder = QueueOrder::LeastAttained;
-    const SRPT: QueueOrder = QueueOrder::ShortestRemaining;
+    const LAS: Rank = Rank::Attained;
+    const SRPT: Rank = Rank::Remaining;
 
     #[test]
     fn least_attained_service_goes_first_and_sets_the_layer() {
@@ -913,6 +1226,54 @@ mod tests {
     fn nothing_to_do_plans_nothing() {
         assert_eq!(plan_step(&[], 8192, 64, SRPT), None);
         assert_eq!(plan_step(&[cand(0, 0, 0, &[])], 8192, 64, SRPT), None);
+    }
+
+    #[test]
+    fn alternating_steps_take_turns_between_the_two_orders() {
+        let order = QueueOrder::Alternating;
+        let ranks: Vec<Rank> = (0..4).map(|s| order.rank(s)).collect();
+        assert_eq!(ranks, vec![SRPT, LAS, SRPT, LAS]);
+        assert_eq!(QueueOrder::LeastAttained.rank(0), LAS);
+        assert_eq!(QueueOrder::ShortestRemaining.rank(1), SRPT);
+        // A small request part way through, a big newcomer: the even step serves the small
+        // one, the odd step the newcomer.
+        let small = StepCandidate {
+            attained: 9 * 6000,
+            ..left(0, 9, 20 * 6000, &[6000])
+        };
+        let c = vec![small, left(1, 0, 28 * 90_000, &[8192; 11])];
+        assert_eq!(plan_step(&c, 32_768, 64, order.rank(0)).unwrap().layer, 9);
+        assert_eq!(plan_step(&c, 32_768, 64, order.rank(1)).unwrap().layer, 0);
+    }
+
+    #[test]
+    fn the_next_step_is_predicted_from_the_plan() {
+        // A request that completes its layer moves on: the next step is at its next layer.
+        let c = vec![cand(0, 3, 0, &[1000])];
+        let p = plan_step(&c, 4096, 64, LAS).unwrap();
+        assert_eq!(predict_next_layer(&c, &p, 28, 4096, 64, LAS), Some(4));
+        // Chunks left beyond the budget: the next step stays at the same layer.
+        let c = vec![cand(0, 3, 0, &[4000, 4000, 4000])];
+        let p = plan_step(&c, 4096, 64, LAS).unwrap();
+        assert_eq!(p.work, vec![(0, 1)]);
+        assert_eq!(predict_next_layer(&c, &p, 28, 4096, 64, LAS), Some(3));
+        // After its last layer a request leaves; the next step is another request's layer.
+        let c = vec![cand(0, 27, 0, &[100]), cand(1, 9, 500, &[100])];
+        let p = plan_step(&c, 4096, 64, LAS).unwrap();
+        assert_eq!(p.layer, 27);
+        assert_eq!(predict_next_layer(&c, &p, 28, 4096, 64, LAS), Some(9));
+        // Under LAS the service of this step can hand the next step to someone else.
+        let c = vec![cand(0, 0, 0, &[3000]), cand(1, 5, 1000, &[100])];
+        let p = plan_step(&c, 4096, 64, LAS).unwrap();
+        assert_eq!(p.layer, 0);
+        assert_eq!(predict_next_layer(&c, &p, 28, 4096, 64, LAS), Some(5));
+        // A request moving on runs all its live chunks at the next layer (not just the rest).
+        let mut big = cand(0, 2, 0, &[500]);
+        big.live_chunk_tokens = vec![4000, 4000, 500];
+        let c = vec![big, cand(1, 3, 1, &[100])];
+        let p = plan_step(&c, 4096, 64, SRPT).unwrap();
+        assert_eq!(predict_next_layer(&c, &p, 28, 4096, 64, SRPT), Some(3));
+        assert_eq!(predict_next_layer(&[], &p, 28, 4096, 64, SRPT), None);
     }
 
     #[test]

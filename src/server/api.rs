@@ -163,12 +163,14 @@ pub struct Info {
     pub mode: String,
     pub pruning: String,
     pub layer_sharing: bool,
-    /// Queue order of layer steps: `shortest-remaining` or `least-attained`.
+    /// Queue order of layer steps: `least-attained`, `shortest-remaining` or `alternating`.
     #[schema(value_type = String)]
     pub queue_order: crate::engine::shared::QueueOrder,
     pub step_tokens: usize,
+    /// Layers the scheduler keeps built between steps.
+    pub cached_layers: usize,
     pub chunk_tokens: usize,
-    /// Where layer weights come from at each step: `resident` or `reload`.
+    /// Where layer weights come from at each step: `resident`, `stream` or `reload`.
     pub weights: String,
     pub limits: Limits,
     pub auth: bool,

@@ -60,6 +60,8 @@ pub struct ServerConfig {
     /// Who gets each layer step first (the fairness policy).
     pub queue_order: QueueOrder,
     pub step_tokens: usize,
+    /// Layers the scheduler keeps built between steps.
+    pub cached_layers: usize,
     /// Rebuild each layer from the memory-mapped checkpoint at every step (a stand-in for
     /// weight streaming until the streaming store lands).
     pub reload_layers: bool,
@@ -82,6 +84,7 @@ impl Default for ServerConfig {
             layer_sharing: true,
             queue_order: QueueOrder::default(),
             step_tokens: crate::engine::shared::DEFAULT_STEP_TOKENS,
+            cached_layers: crate::engine::shared::DEFAULT_CACHED_LAYERS,
             reload_layers: false,
             shutdown_grace: Duration::from_secs(30),
         }
@@ -125,6 +128,7 @@ impl AppState {
                 step_tokens: cfg.step_tokens,
                 max_active: cfg.max_concurrent_requests.max(1),
                 layer_source,
+                cached_layers: cfg.cached_layers.max(1),
                 ..Default::default()
             },
         );
@@ -149,9 +153,12 @@ impl AppState {
             layer_sharing: cfg.layer_sharing,
             queue_order: cfg.queue_order,
             step_tokens: cfg.step_tokens,
+            cached_layers: cfg.cached_layers,
             chunk_tokens: cfg.chunk_tokens,
             weights: if cfg.reload_layers {
                 "reload"
+            } else if reranker.streaming().is_some() {
+                "stream"
             } else {
                 "resident"
             }

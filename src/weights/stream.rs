@@ -10,7 +10,6 @@ use crate::models::{LayerBlock, RerankModel};
 use candle_core::{DType, Device, Tensor};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 /// Where one layer's tensors are on disk.
@@ -197,7 +196,6 @@ pub struct LayerStream {
     plans: Arc<Vec<LayerPlan>>,
     ready: Receiver<Result<Loaded>>,
     free: Sender<Staging>,
-    io: Option<JoinHandle<()>>,
     dtype: DType,
     device: Device,
     #[cfg(feature = "cuda")]
@@ -224,7 +222,8 @@ impl LayerStream {
                 None
             }
         };
-        for _ in 0..2 {
+        // Two buffers (one being read while the other is used), one for a single layer.
+        for _ in 0..order.len().clamp(1, 2) {
             #[cfg(feature = "cuda")]
             if let Some(link) = &link {
                 match link.staging(max) {
@@ -242,7 +241,8 @@ impl LayerStream {
         let io_plans = plans.clone();
         #[cfg(feature = "cuda")]
         let io_link = link.clone();
-        let io = std::thread::Builder::new()
+        // Detached: see the Drop impl.
+        let _reader = std::thread::Builder::new()
             .name("grating-layer-io".into())
             .spawn(move || {
                 for layer in order {
@@ -266,7 +266,6 @@ impl LayerStream {
             plans,
             ready,
             free,
-            io: Some(io),
             dtype,
             device,
             #[cfg(feature = "cuda")]
@@ -334,16 +333,10 @@ impl LayerStream {
 
 impl Drop for LayerStream {
     fn drop(&mut self) {
-        // Closing the free channel ends the reader at its next wait.
+        // Closing the free channel ends the reader at its next wait. A read in flight is not
+        // waited for: it finishes on its own, its send fails and its buffer goes back to the
+        // pool (a scheduler that changed its mind about the next layer must not stall on it).
         let (dead, _) = channel();
         self.free = dead;
-        while self.ready.try_recv().is_ok() {}
-        if let Some(h) = self.io.take() {
-            // The reader may be blocked sending a finished layer; draining unblocks it.
-            while !h.is_finished() {
-                let _ = self.ready.recv_timeout(std::time::Duration::from_millis(1));
-            }
-            let _ = h.join();
-        }
     }
 }
