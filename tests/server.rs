@@ -205,7 +205,7 @@ fn info_health_metrics_and_docs() {
     assert_eq!(v["num_layers"], 6);
     assert_eq!(v["mode"], "grating");
     assert_eq!(v["layer_sharing"], true);
-    assert_eq!(v["queue_order"], "least-attained");
+    assert_eq!(v["queue_order"], "shortest-remaining");
     assert_eq!(v["limits"]["max_documents"], 50);
     assert!(v["model"].as_str().unwrap().contains(MODEL));
 
@@ -492,11 +492,12 @@ fn shared_engine_interleaving_is_exact() {
     let all = passages(120);
     let chunk_tokens = 600;
     let configs = [
-        (QueueOrder::LeastAttained, false, 2),
-        (QueueOrder::ShortestRemaining, false, 2),
-        (QueueOrder::Alternating, false, 2),
-        (QueueOrder::Alternating, true, 1),
-        (QueueOrder::LeastAttained, true, 2),
+        (QueueOrder::least_attained(), false, 2),
+        (QueueOrder::shortest_remaining(), false, 2),
+        ("most-shared".parse().unwrap(), false, 2),
+        ("shortest-remaining-aligned".parse().unwrap(), true, 2),
+        (QueueOrder::alternating(), true, 1),
+        ("shortest-remaining,most-shared".parse().unwrap(), true, 2),
     ];
     for (order, stream, cached_layers) in configs {
         let r = if stream { &streamed } else { &resident };
@@ -508,7 +509,7 @@ fn shared_engine_interleaving_is_exact() {
             r.model().clone(),
             SharedOptions {
                 step_tokens: 1500,
-                order,
+                order: order.clone(),
                 layer_source,
                 cached_layers,
                 ..Default::default()

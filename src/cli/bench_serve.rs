@@ -271,7 +271,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         server.stop()?;
     }
     println!(
-        "sizes {:?} (cycled), top_n {}, step tokens {}, queue order {:?}, weights {}, {} requests per level",
+        "sizes {:?} (cycled), top_n {}, step tokens {}, queue order {}, weights {}, {} requests per level",
         args.sizes,
         args.top_n,
         args.server.step_tokens,

@@ -37,10 +37,15 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = grating::engine::shared::DEFAULT_STEP_TOKENS)]
     pub step_tokens: usize,
     /// Who gets each layer step first: the request with the least work done so far
-    /// (least-attained), with the least work left (shortest-remaining), or the two on
-    /// alternate steps (alternating).
-    #[arg(long, value_enum, default_value_t = QueueOrderArg::LeastAttained)]
-    pub queue_order: QueueOrderArg,
+    /// (least-attained), with the least work left (shortest-remaining), the layer the most
+    /// requests wait at (most-shared), or a comma-separated list of them that steps take in
+    /// turn (alternating = shortest-remaining,least-attained).
+    #[arg(long, default_value = "shortest-remaining")]
+    pub queue_order: QueueOrder,
+    /// Steps a request with work may be passed over before it goes first whatever the queue
+    /// order (the starvation guard).
+    #[arg(long, default_value_t = grating::engine::shared::DEFAULT_STARVE_AFTER_STEPS)]
+    pub starve_after_steps: u32,
     /// Layers the scheduler keeps built between steps (streamed or reloaded weights): steps
     /// that alternate between two layers then read neither again.
     #[arg(long, default_value_t = grating::engine::shared::DEFAULT_CACHED_LAYERS)]
@@ -55,14 +60,6 @@ pub struct ServerArgs {
     /// Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace: f64,
-}
-
-/// `--queue-order` values.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum QueueOrderArg {
-    ShortestRemaining,
-    LeastAttained,
-    Alternating,
 }
 
 impl ServerArgs {
@@ -88,12 +85,9 @@ impl ServerArgs {
             chunk_tokens: self.chunk_tokens,
             prune: self.prune.config(reranker.files())?,
             layer_sharing: !self.no_layer_sharing,
-            queue_order: match self.queue_order {
-                QueueOrderArg::ShortestRemaining => QueueOrder::ShortestRemaining,
-                QueueOrderArg::LeastAttained => QueueOrder::LeastAttained,
-                QueueOrderArg::Alternating => QueueOrder::Alternating,
-            },
+            queue_order: self.queue_order.clone(),
             cached_layers: self.cached_layers,
+            starve_after_steps: self.starve_after_steps.max(1),
             step_tokens: self.step_tokens,
             reload_layers: self.reload_layers,
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace),

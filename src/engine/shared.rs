@@ -5,8 +5,8 @@
 //! its own chunks of hidden states (planned and repacked with the same functions and the same
 //! chunk budget, never mixed with another request's rows), its own [`PruneState`] and the index
 //! of the layer it is at. A *step* runs one layer `l` over chunks of several requests that are
-//! all at layer `l`, so the layer's weights are obtained once (`model.layer(l)`, which is a read
-//! of the layer from the weight store once streaming lands) and serve all of them. Because a
+//! all at layer `l`, so the layer's weights are obtained once (resident, or read from the weight
+//! store when streaming) and serve all of them. Because a
 //! request's chunks and the order of its pruning decisions are those of a lone run, its answer
 //! is bit-for-bit the answer of [`crate::engine::Reranker::rerank`] in grating mode.
 //!
@@ -15,27 +15,36 @@
 //!
 //! # Fairness policy
 //! Each step computes at most `step_tokens` tokens (one chunk more when a single chunk is
-//! larger). Who gets them is decided by **least attained service** (LAS): requests are ordered
-//! by the token-layers they have received so far (fewest first; ties by arrival), the step's
+//! larger). Who gets them is decided by the queue order. The default is **shortest remaining
+//! work** (SRPT): requests are ordered by the token-layers they still have to compute at most
+//! (live tokens times the layers ahead; pruning only removes work), ties by arrival; the step's
 //! layer is the layer of the first request in that order, and the requests at that layer then
 //! take their next chunks round robin in that order, one chunk each per round, until the budget
 //! is spent (the order is strict: when the next chunk does not fit, the step is full and no
-//! later request leapfrogs it with a smaller chunk). A newly arrived request has received nothing,
-//! so it is served at the very next step: small requests finish in a few steps however large
-//! the requests already running are, and a request with thousands of candidates only gets the
-//! capacity that small ones leave. Plain LAS can starve a large request under a steady stream
-//! of small ones, so a request passed over for `starve_after_steps` consecutive steps goes
-//! first (the starvation guard). See [`plan_step`], which is pure and unit-tested.
+//! later request leapfrogs it with a smaller chunk). A small request therefore advances at
+//! nearly every step from its arrival however large the running requests are, and a request
+//! with thousands of candidates gets the steps small ones leave plus a ride in theirs. Plain
+//! SRPT can starve a large request under a steady stream of small ones, so a request passed
+//! over for `starve_after_steps` consecutive steps goes first (the starvation guard). See
+//! [`plan_step`], which is pure and unit-tested.
 //!
-//! `QueueOrder::ShortestRemaining` orders by the work left instead of the work done (the bound
-//! of live tokens times layers ahead): a large newcomer no longer preempts small requests that
-//! are part way through. Measured on an H100 (docs/serve.md) it halves a small request's p99
-//! at concurrency 16 but shares each layer read among fewer requests (throughput 1.81x
-//! one-at-a-time instead of 2.13x), so LAS stays the default.
+//! Other orders ([`Rank`]): least attained service (newcomers first: most sharing, since
+//! newcomers catch up with each other, but a small request deep into its layers waits for
+//! every newcomer to catch up with it), and most shared (the layer most requests wait at). A
+//! [`QueueOrder`] is a list of ranks that steps take in turn. docs/serve.md has the
+//! measurements behind the default.
+//!
+//! # Layers between steps
+//! After planning a step the scheduler also predicts the next one (the same plan applied to
+//! the state this step leaves) and, with streamed weights, reads that layer while this step
+//! computes. The last `cached_layers` built layers are kept, so a step at a layer a recent
+//! step used (a request whose chunks exceed one step, or orders that take turns) reads
+//! nothing. Requests are embedded on a thread of their own before they reach the scheduler,
+//! so a large arrival does not stall every running request's next step.
 //!
 //! Without sharing (`layer_sharing: false`, the baseline the benchmark compares against) the
 //! scheduler admits one request at a time in arrival order and runs each whole layer of it in
-//! one step: exactly one request after another.
+//! one step: exactly one request after another (the next one is embedded while it runs).
 
 use super::full::{length_order, pack};
 use super::monolithic::{plan_chunks, repack, Chunk};
@@ -83,43 +92,136 @@ pub enum LayerSource {
     Stream(super::Streaming),
 }
 
-/// The order in which admitted requests get the steps (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+/// What one step's queue is sorted by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum QueueOrder {
+pub enum Rank {
     /// Least attained service first: token-layers computed so far, ties by arrival. Needs no
     /// size estimate; newcomers go first.
-    #[default]
     LeastAttained,
     /// Least work left first: token-layers still to compute (its live tokens times the layers
     /// ahead, an upper bound since pruning only removes work), ties by arrival. Small requests
     /// are not preempted by large newcomers; fewer requests share each step.
     ShortestRemaining,
-    /// Steps alternate between the two: even steps go to the request with the least work
-    /// left, odd steps to the one with the least attained service. A small request advances
-    /// at least every other step whatever the newcomers, and the other steps keep sharing
-    /// layer reads among newcomers and large requests.
-    Alternating,
+    /// The layer most requests are waiting at first (ties: least work left): one read serves
+    /// the most requests.
+    MostShared,
+    /// Least work left first, except that a request a few layers behind the first one (at most
+    /// [`CATCH_UP_LAYERS`]) whose whole layer fits in the step goes first, so that it catches
+    /// up and the two then share every later step. A step of a small request costs about one
+    /// layer read whoever rides in it, so a short wait of the leader buys the trailing request
+    /// all its later steps.
+    ShortestRemainingAligned,
 }
 
-/// What one step's queue is sorted by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rank {
-    /// Token-layers computed so far, fewest first.
-    Attained,
-    /// Token-layers still to compute at most, fewest first.
-    Remaining,
+/// How far behind the request with the least work left a request may be and still catch up
+/// with it under [`Rank::ShortestRemainingAligned`].
+pub const CATCH_UP_LAYERS: usize = 4;
+
+/// Steps a request may wait, over its life, for others to catch up with it: bounds what the
+/// alignment costs the leader.
+pub const MAX_DEFERRALS: u32 = 2 * CATCH_UP_LAYERS as u32;
+
+impl Rank {
+    fn name(self) -> &'static str {
+        match self {
+            Rank::LeastAttained => "least-attained",
+            Rank::ShortestRemaining => "shortest-remaining",
+            Rank::MostShared => "most-shared",
+            Rank::ShortestRemainingAligned => "shortest-remaining-aligned",
+        }
+    }
+}
+
+/// The order in which admitted requests get the steps (see the module docs): step `i` is
+/// ranked by `ranks[i % ranks.len()]`, so a list makes steps take turns between orders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueOrder {
+    ranks: Vec<Rank>,
 }
 
 impl QueueOrder {
-    /// The rank that orders step number `step`.
-    pub fn rank(self, step: u64) -> Rank {
-        match self {
-            QueueOrder::LeastAttained => Rank::Attained,
-            QueueOrder::ShortestRemaining => Rank::Remaining,
-            QueueOrder::Alternating if step % 2 == 0 => Rank::Remaining,
-            QueueOrder::Alternating => Rank::Attained,
+    pub fn new(ranks: Vec<Rank>) -> Result<QueueOrder> {
+        if ranks.is_empty() {
+            return Err(GratingError::InvalidInput(
+                "a queue order needs a rank".into(),
+            ));
         }
+        Ok(QueueOrder { ranks })
+    }
+
+    pub fn least_attained() -> QueueOrder {
+        QueueOrder {
+            ranks: vec![Rank::LeastAttained],
+        }
+    }
+
+    pub fn shortest_remaining() -> QueueOrder {
+        QueueOrder {
+            ranks: vec![Rank::ShortestRemaining],
+        }
+    }
+
+    /// Even steps to the request with the least work left, odd steps to the one with the
+    /// least attained service.
+    pub fn alternating() -> QueueOrder {
+        QueueOrder {
+            ranks: vec![Rank::ShortestRemaining, Rank::LeastAttained],
+        }
+    }
+
+    /// The rank that orders step number `step`.
+    pub fn rank(&self, step: u64) -> Rank {
+        self.ranks[(step % self.ranks.len() as u64) as usize]
+    }
+}
+
+/// Shortest remaining work: measured on an H100/H200 with streamed weights (docs/serve.md), the
+/// only order that kept a small request's p99 under load within 3x of its latency alone, while
+/// sharing layer reads enough for over 2x the throughput of one request at a time.
+impl Default for QueueOrder {
+    fn default() -> Self {
+        QueueOrder::shortest_remaining()
+    }
+}
+
+impl std::fmt::Display for QueueOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.ranks.iter().map(|r| r.name()).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+impl std::str::FromStr for QueueOrder {
+    type Err = GratingError;
+    /// A comma-separated list of `least-attained`, `shortest-remaining`, `most-shared`,
+    /// `shortest-remaining-aligned`;
+    /// `alternating` stands for `shortest-remaining,least-attained`.
+    fn from_str(s: &str) -> Result<QueueOrder> {
+        let mut ranks = Vec::new();
+        for part in s.split(',').map(str::trim) {
+            match part {
+                "least-attained" => ranks.push(Rank::LeastAttained),
+                "shortest-remaining" => ranks.push(Rank::ShortestRemaining),
+                "most-shared" => ranks.push(Rank::MostShared),
+                "shortest-remaining-aligned" => ranks.push(Rank::ShortestRemainingAligned),
+                "alternating" => ranks.extend(QueueOrder::alternating().ranks),
+                other => {
+                    return Err(GratingError::InvalidInput(format!(
+                        "unknown queue order {other:?} (least-attained, shortest-remaining, \
+                         shortest-remaining-aligned, most-shared, alternating, or a \
+                         comma-separated list of them)"
+                    )))
+                }
+            }
+        }
+        QueueOrder::new(ranks)
+    }
+}
+
+impl serde::Serialize for QueueOrder {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -321,6 +423,8 @@ pub struct StepCandidate {
     pub remaining: u64,
     /// Consecutive steps it had work but was passed over.
     pub idle_steps: u32,
+    /// Steps it led the queue but waited for a trailing request to catch up.
+    pub deferrals: u32,
     /// Tokens of its chunks still to run at `layer`, in order.
     pub chunk_tokens: Vec<usize>,
     /// Tokens of all its live chunks (what it runs at the next layer unless pruning shrinks
@@ -333,6 +437,8 @@ pub struct StepCandidate {
 pub struct StepPlan {
     pub layer: usize,
     pub work: Vec<(usize, usize)>,
+    /// The request that led the queue but waits this step for a trailing one to catch up.
+    pub deferred: Option<usize>,
 }
 
 /// The fairness policy (see the module docs): LAS order with a starvation guard, the layer of
@@ -347,15 +453,48 @@ pub fn plan_step(
     let mut order: Vec<usize> = (0..cands.len())
         .filter(|&i| !cands[i].chunk_tokens.is_empty())
         .collect();
+    // Requests with work at each layer (for `MostShared`).
+    let mut waiting_at: Vec<u64> = Vec::new();
+    if rank == Rank::MostShared {
+        for &i in &order {
+            let l = cands[i].layer;
+            if waiting_at.len() <= l {
+                waiting_at.resize(l + 1, 0);
+            }
+            waiting_at[l] += 1;
+        }
+    }
     order.sort_by_key(|&i| {
         let c = &cands[i];
-        let work = match rank {
-            Rank::Remaining => c.remaining,
-            Rank::Attained => c.attained,
+        let (first, second) = match rank {
+            Rank::ShortestRemaining | Rank::ShortestRemainingAligned => (c.remaining, 0),
+            Rank::LeastAttained => (c.attained, 0),
+            Rank::MostShared => (u64::MAX - waiting_at[c.layer], c.remaining),
         };
-        (c.idle_steps < starve_after, work, c.seq)
+        (c.idle_steps < starve_after, first, second, c.seq)
     });
-    let layer = cands[*order.first()?].layer;
+    let head_index = *order.first()?;
+    let head = &cands[head_index];
+    let mut layer = head.layer;
+    let mut deferred = None;
+    if rank == Rank::ShortestRemainingAligned
+        && head.idle_steps < starve_after
+        && head.deferrals < MAX_DEFERRALS
+    {
+        // The furthest behind of the cheap requests within reach catches up first (it picks
+        // up the others on its way).
+        let trailing = order
+            .iter()
+            .map(|&i| &cands[i])
+            .filter(|c| c.layer < layer && layer - c.layer <= CATCH_UP_LAYERS)
+            .filter(|c| c.chunk_tokens.iter().sum::<usize>() <= budget)
+            .map(|c| c.layer)
+            .min();
+        if let Some(t) = trailing {
+            layer = t;
+            deferred = Some(head_index);
+        }
+    }
     let at_layer: Vec<usize> = order
         .into_iter()
         .filter(|&i| cands[i].layer == layer)
@@ -386,7 +525,11 @@ pub fn plan_step(
         .zip(taken)
         .filter(|&(_, n)| n > 0)
         .collect();
-    Some(StepPlan { layer, work })
+    Some(StepPlan {
+        layer,
+        work,
+        deferred,
+    })
 }
 
 /// The layer of the step after `plan`, as far as the scheduler can tell now: the candidates
@@ -404,6 +547,9 @@ pub fn predict_next_layer(
     let mut after: Vec<StepCandidate> = Vec::with_capacity(cands.len());
     for (i, c) in cands.iter().enumerate() {
         let mut c = c.clone();
+        if plan.deferred == Some(i) {
+            c.deferrals += 1;
+        }
         match plan.work.iter().find(|w| w.0 == i) {
             Some(&(_, n)) => {
                 let n = n.min(c.chunk_tokens.len());
@@ -442,6 +588,7 @@ struct Active {
     next_chunk: usize,
     attained: u64,
     idle_steps: u32,
+    deferrals: u32,
     layers_done: Vec<u16>,
     stats: RequestStats,
     /// When its embedding started (its engine time counts from here).
@@ -686,6 +833,7 @@ impl Scheduler {
                     attained: a.attained,
                     remaining: (chunk_tokens.iter().sum::<usize>() + live * later) as u64,
                     idle_steps: a.idle_steps,
+                    deferrals: a.deferrals,
                     chunk_tokens,
                     live_chunk_tokens,
                 }
@@ -706,6 +854,9 @@ impl Scheduler {
             } else {
                 a.idle_steps = a.idle_steps.saturating_add(1);
             }
+        }
+        if let Some(i) = plan.deferred {
+            self.active[i].deferrals += 1;
         }
         let model = self.model.clone();
         // With nothing left after this step, the next work is a newcomer at layer 0.
@@ -923,6 +1074,7 @@ fn prepare(model: &dyn RerankModel, job: Job, slot: HolderSlot) -> Option<Active
         next_chunk: 0,
         attained: 0,
         idle_steps: 0,
+        deferrals: 0,
         stats,
         admitted: started,
         embed_seconds: started.elapsed().as_secs_f64(),
@@ -1134,6 +1286,7 @@ mod tests {
             attained,
             remaining: 0,
             idle_steps: 0,
+            deferrals: 0,
             chunk_tokens: chunks.to_vec(),
             live_chunk_tokens: chunks.to_vec(),
         }
@@ -1147,8 +1300,8 @@ mod tests {
         }
     }
 
-    const LAS: Rank = Rank::Attained;
-    const SRPT: Rank = Rank::Remaining;
+    const LAS: Rank = Rank::LeastAttained;
+    const SRPT: Rank = Rank::ShortestRemaining;
 
     #[test]
     fn least_attained_service_goes_first_and_sets_the_layer() {
@@ -1230,11 +1383,27 @@ mod tests {
 
     #[test]
     fn alternating_steps_take_turns_between_the_two_orders() {
-        let order = QueueOrder::Alternating;
+        let order = QueueOrder::alternating();
         let ranks: Vec<Rank> = (0..4).map(|s| order.rank(s)).collect();
         assert_eq!(ranks, vec![SRPT, LAS, SRPT, LAS]);
-        assert_eq!(QueueOrder::LeastAttained.rank(0), LAS);
-        assert_eq!(QueueOrder::ShortestRemaining.rank(1), SRPT);
+        assert_eq!(QueueOrder::least_attained().rank(0), LAS);
+        assert_eq!(QueueOrder::shortest_remaining().rank(1), SRPT);
+        // Parsed from lists, printed back.
+        let o: QueueOrder = "shortest-remaining, shortest-remaining,most-shared"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (o.rank(0), o.rank(1), o.rank(2)),
+            (SRPT, SRPT, Rank::MostShared)
+        );
+        assert_eq!(o.rank(5), Rank::MostShared);
+        assert_eq!(
+            o.to_string(),
+            "shortest-remaining,shortest-remaining,most-shared"
+        );
+        assert_eq!("alternating".parse::<QueueOrder>().unwrap(), order);
+        assert!("fastest".parse::<QueueOrder>().is_err());
+        assert!("".parse::<QueueOrder>().is_err());
         // A small request part way through, a big newcomer: the even step serves the small
         // one, the odd step the newcomer.
         let small = StepCandidate {
@@ -1244,6 +1413,75 @@ mod tests {
         let c = vec![small, left(1, 0, 28 * 90_000, &[8192; 11])];
         assert_eq!(plan_step(&c, 32_768, 64, order.rank(0)).unwrap().layer, 9);
         assert_eq!(plan_step(&c, 32_768, 64, order.rank(1)).unwrap().layer, 0);
+    }
+
+    #[test]
+    fn most_shared_serves_the_layer_the_most_requests_wait_at() {
+        // Three requests at layer 4, one (with the least work left) at layer 9.
+        let c = vec![
+            left(0, 9, 10, &[100]),
+            left(1, 4, 500, &[100]),
+            left(2, 4, 400, &[100]),
+            left(3, 4, 900, &[100]),
+        ];
+        let p = plan_step(&c, 8192, 64, Rank::MostShared).unwrap();
+        assert_eq!(p.layer, 4);
+        // At the layer, least work left first.
+        assert_eq!(p.work, vec![(2, 1), (1, 1), (3, 1)]);
+        // A tie in requests goes to the layer holding the least work left.
+        let c = vec![left(0, 9, 10, &[100]), left(1, 4, 500, &[100])];
+        assert_eq!(plan_step(&c, 8192, 64, Rank::MostShared).unwrap().layer, 9);
+        // Requests with nothing to run at their layer are not counted.
+        let c = vec![
+            left(0, 9, 10, &[100]),
+            left(1, 4, 500, &[100]),
+            left(2, 4, 400, &[]),
+        ];
+        assert_eq!(plan_step(&c, 8192, 64, Rank::MostShared).unwrap().layer, 9);
+    }
+
+    #[test]
+    fn aligned_order_lets_a_cheap_request_close_behind_catch_up() {
+        const ALIGNED: Rank = Rank::ShortestRemainingAligned;
+        // The head (least work left) at layer 10; cheap requests 2 and 3 layers behind, one
+        // 9 behind, and a request 1 behind whose layer does not fit in the step.
+        let c = vec![
+            left(0, 10, 1000, &[500]),
+            left(1, 8, 5000, &[500]),
+            left(2, 7, 5000, &[500]),
+            left(3, 1, 5000, &[500]),
+            left(4, 9, 9000, &[6000, 6000]),
+        ];
+        let p = plan_step(&c, 8192, 64, ALIGNED).unwrap();
+        assert_eq!(p.layer, 7);
+        assert_eq!(p.work, vec![(2, 1)]);
+        // Plain shortest-remaining serves the head.
+        assert_eq!(plan_step(&c, 8192, 64, SRPT).unwrap().layer, 10);
+        // Nobody within reach: the head's layer.
+        let c = vec![left(0, 10, 1000, &[500]), left(3, 1, 5000, &[500])];
+        assert_eq!(plan_step(&c, 8192, 64, ALIGNED).unwrap().layer, 10);
+        // A starved request still goes first.
+        let mut starved = left(0, 20, 1_000_000, &[500]);
+        starved.idle_steps = 64;
+        let c = vec![starved, left(1, 18, 10, &[500])];
+        assert_eq!(plan_step(&c, 8192, 64, ALIGNED).unwrap().layer, 20);
+        assert_eq!(
+            "shortest-remaining-aligned"
+                .parse::<QueueOrder>()
+                .unwrap()
+                .rank(0),
+            ALIGNED
+        );
+        // The plan names the leader that waits; once it has waited MAX_DEFERRALS steps it
+        // goes first.
+        let c = vec![left(0, 10, 1000, &[500]), left(1, 8, 5000, &[500])];
+        let p = plan_step(&c, 8192, 64, ALIGNED).unwrap();
+        assert_eq!((p.layer, p.deferred), (8, Some(0)));
+        let mut patient = left(0, 10, 1000, &[500]);
+        patient.deferrals = MAX_DEFERRALS;
+        let c = vec![patient, left(1, 8, 5000, &[500])];
+        let p = plan_step(&c, 8192, 64, ALIGNED).unwrap();
+        assert_eq!((p.layer, p.deferred), (10, None));
     }
 
     #[test]

@@ -163,12 +163,15 @@ pub struct Info {
     pub mode: String,
     pub pruning: String,
     pub layer_sharing: bool,
-    /// Queue order of layer steps: `least-attained`, `shortest-remaining` or `alternating`.
+    /// Queue order of layer steps: `least-attained`, `shortest-remaining`, `most-shared`, or a
+    /// comma-separated list that steps take in turn.
     #[schema(value_type = String)]
     pub queue_order: crate::engine::shared::QueueOrder,
     pub step_tokens: usize,
     /// Layers the scheduler keeps built between steps.
     pub cached_layers: usize,
+    /// Steps a request may be passed over before it goes first.
+    pub starve_after_steps: u32,
     pub chunk_tokens: usize,
     /// Where layer weights come from at each step: `resident`, `stream` or `reload`.
     pub weights: String,

@@ -62,6 +62,8 @@ pub struct ServerConfig {
     pub step_tokens: usize,
     /// Layers the scheduler keeps built between steps.
     pub cached_layers: usize,
+    /// Steps a request may be passed over before it goes first (the starvation guard).
+    pub starve_after_steps: u32,
     /// Rebuild each layer from the memory-mapped checkpoint at every step (a stand-in for
     /// weight streaming until the streaming store lands).
     pub reload_layers: bool,
@@ -85,6 +87,7 @@ impl Default for ServerConfig {
             queue_order: QueueOrder::default(),
             step_tokens: crate::engine::shared::DEFAULT_STEP_TOKENS,
             cached_layers: crate::engine::shared::DEFAULT_CACHED_LAYERS,
+            starve_after_steps: crate::engine::shared::DEFAULT_STARVE_AFTER_STEPS,
             reload_layers: false,
             shutdown_grace: Duration::from_secs(30),
         }
@@ -124,12 +127,12 @@ impl AppState {
             reranker.model().clone(),
             SharedOptions {
                 layer_sharing: cfg.layer_sharing,
-                order: cfg.queue_order,
+                order: cfg.queue_order.clone(),
                 step_tokens: cfg.step_tokens,
                 max_active: cfg.max_concurrent_requests.max(1),
                 layer_source,
                 cached_layers: cfg.cached_layers.max(1),
-                ..Default::default()
+                starve_after_steps: cfg.starve_after_steps.max(1),
             },
         );
         let mi = reranker.info();
@@ -151,9 +154,10 @@ impl AppState {
             }
             .into(),
             layer_sharing: cfg.layer_sharing,
-            queue_order: cfg.queue_order,
+            queue_order: cfg.queue_order.clone(),
             step_tokens: cfg.step_tokens,
             cached_layers: cfg.cached_layers,
+            starve_after_steps: cfg.starve_after_steps,
             chunk_tokens: cfg.chunk_tokens,
             weights: if cfg.reload_layers {
                 "reload"
