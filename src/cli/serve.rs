@@ -53,8 +53,8 @@ pub struct ServerArgs {
     /// Run requests one after another instead of sharing layer steps between them.
     #[arg(long)]
     pub no_layer_sharing: bool,
-    /// Rebuild each layer from the memory-mapped checkpoint at every step, standing in for
-    /// weight streaming (CPU, f32 only).
+    /// Rebuild a layer from the memory-mapped checkpoint whenever a step needs one that is not
+    /// built, standing in for weight streaming (CPU, f32 only).
     #[arg(long)]
     pub reload_layers: bool,
     /// Seconds in-flight requests get to finish after SIGTERM before they are cancelled.

@@ -83,9 +83,10 @@ pub const DEFAULT_CACHED_LAYERS: usize = 2;
 pub enum LayerSource {
     /// The model's resident layers.
     Resident,
-    /// Rebuild the layer from this source at every step (from the memory-mapped checkpoint):
-    /// a stand-in for the streaming weight store, so that the cost of reading a layer, which
-    /// sharing pays once per step instead of once per request, is part of what is measured.
+    /// Rebuild a layer from this source (the memory-mapped checkpoint) whenever a step needs
+    /// one that is not built: a stand-in for the streaming weight store, so that the cost of
+    /// reading a layer, which sharing pays once per step instead of once per request, is part
+    /// of what is measured.
     Reload(Arc<dyn TensorSource + Send + Sync>),
     /// Streamed weights: each step's layer is read with `pread`, and the following layer is
     /// read ahead while the step computes (steps mostly advance one layer at a time).

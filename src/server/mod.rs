@@ -64,8 +64,8 @@ pub struct ServerConfig {
     pub cached_layers: usize,
     /// Steps a request may be passed over before it goes first (the starvation guard).
     pub starve_after_steps: u32,
-    /// Rebuild each layer from the memory-mapped checkpoint at every step (a stand-in for
-    /// weight streaming until the streaming store lands).
+    /// Rebuild a layer from the memory-mapped checkpoint whenever a step needs one that is not
+    /// built (a stand-in for weight streaming, kept for comparison).
     pub reload_layers: bool,
     /// After a shutdown signal, in-flight requests get this long to finish; then they are
     /// cancelled and answered with 503 `cancelled`.
