@@ -127,6 +127,8 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         .collect();
     let nq = bodies.len();
     let small = args.sizes[0];
+    // Request number j of a level: (query, size slot).
+    let request = |j: usize| ((j / args.sizes.len()) % nq, j % args.sizes.len());
     let mut levels = Vec::new();
     for mode in &args.modes {
         let mut server_args = args.server.clone();
@@ -159,8 +161,9 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             .unwrap_or(0);
         let small_queries: Vec<usize> = {
             let mut q: Vec<usize> = (0..max_total)
-                .filter(|j| args.sizes[j % args.sizes.len()] == small)
-                .map(|j| (j / args.sizes.len()) % nq)
+                .map(request)
+                .filter(|&(_, slot)| args.sizes[slot] == small)
+                .map(|(q, _)| q)
                 .collect();
             q.sort_unstable();
             q.dedup();
@@ -212,7 +215,8 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
                         if j >= total || start.elapsed() > limit {
                             break;
                         }
-                        let body = &bodies[(j / args.sizes.len()) % nq][j % args.sizes.len()];
+                        let (q, slot) = request(j);
+                        let body = &bodies[q][slot];
                         let r = send(body).unwrap_or((0, f64::NAN));
                         results.lock().expect("results").push((j, r.0, r.1));
                     });
@@ -227,8 +231,9 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             let mut all: Vec<f64> = ok.iter().map(|r| r.2).collect();
             let small_ok: Vec<(f64, f64)> = ok
                 .iter()
-                .filter(|r| args.sizes[r.0 % args.sizes.len()] == small)
-                .map(|r| (r.2, alone[(r.0 / args.sizes.len()) % nq]))
+                .map(|r| (request(r.0), r.2))
+                .filter(|&((_, slot), _)| args.sizes[slot] == small)
+                .map(|((q, _), ms)| (ms, alone[q]))
                 .collect();
             let mut sm: Vec<f64> = small_ok.iter().map(|r| r.0).collect();
             let mut sm_alone: Vec<f64> = small_ok.iter().map(|r| r.1).collect();

@@ -442,9 +442,25 @@ pub struct StepPlan {
     pub deferred: Option<usize>,
 }
 
-/// The fairness policy (see the module docs): LAS order with a starvation guard, the layer of
-/// the first request, then chunks of the requests at that layer, round robin in that order
-/// (one chunk each per round), within `budget` (at least one chunk).
+impl StepPlan {
+    /// Updates request `i`'s waiting counters for this step: passed-over steps (the
+    /// starvation guard) and steps it led but waited for a trailing request.
+    fn count_waits(&self, i: usize, idle_steps: &mut u32, deferrals: &mut u32) {
+        if self.work.iter().any(|w| w.0 == i) {
+            *idle_steps = 0;
+        } else {
+            *idle_steps = idle_steps.saturating_add(1);
+        }
+        if self.deferred == Some(i) {
+            *deferrals += 1;
+        }
+    }
+}
+
+/// The fairness policy (see the module docs): the order of `rank` with a starvation guard,
+/// the layer of the first request (or of a trailing one catching up, under
+/// [`Rank::ShortestRemainingAligned`]), then chunks of the requests at that layer, round robin
+/// in that order (one chunk each per round), within `budget` (at least one chunk).
 pub fn plan_step(
     cands: &[StepCandidate],
     budget: usize,
@@ -500,8 +516,8 @@ pub fn plan_step(
         .into_iter()
         .filter(|&i| cands[i].layer == layer)
         .collect();
-    // Round robin in LAS order, one chunk per request per round, so every request at the layer
-    // gets a share of the step (and of the layer read) before any gets a second chunk.
+    // Round robin in rank order, one chunk per request per round, so every request at the
+    // layer gets a share of the step (and of the layer read) before any gets a second chunk.
     let mut taken = vec![0usize; at_layer.len()];
     let mut used = 0usize;
     'rounds: loop {
@@ -548,26 +564,19 @@ pub fn predict_next_layer(
     let mut after: Vec<StepCandidate> = Vec::with_capacity(cands.len());
     for (i, c) in cands.iter().enumerate() {
         let mut c = c.clone();
-        if plan.deferred == Some(i) {
-            c.deferrals += 1;
-        }
-        match plan.work.iter().find(|w| w.0 == i) {
-            Some(&(_, n)) => {
-                let n = n.min(c.chunk_tokens.len());
-                let ran: usize = c.chunk_tokens.drain(..n).sum();
-                c.attained += ran as u64;
-                c.remaining = c.remaining.saturating_sub(ran as u64);
-                c.idle_steps = 0;
-                if c.chunk_tokens.is_empty() {
-                    c.layer += 1;
-                    if c.layer >= num_layers {
-                        continue;
-                    }
-                    c.chunk_tokens = c.live_chunk_tokens.clone();
+        plan.count_waits(i, &mut c.idle_steps, &mut c.deferrals);
+        if let Some(&(_, n)) = plan.work.iter().find(|w| w.0 == i) {
+            let n = n.min(c.chunk_tokens.len());
+            let ran: usize = c.chunk_tokens.drain(..n).sum();
+            c.attained += ran as u64;
+            c.remaining = c.remaining.saturating_sub(ran as u64);
+            if c.chunk_tokens.is_empty() {
+                c.layer += 1;
+                if c.layer >= num_layers {
+                    continue;
                 }
+                c.chunk_tokens = c.live_chunk_tokens.clone();
             }
-            None if !c.chunk_tokens.is_empty() => c.idle_steps = c.idle_steps.saturating_add(1),
-            None => {}
         }
         after.push(c);
     }
@@ -594,7 +603,6 @@ struct Active {
     stats: RequestStats,
     /// When its embedding started (its engine time counts from here).
     admitted: Instant,
-    embed_seconds: f64,
     layer_tokens: usize,
     layer_seconds: f64,
     finals: Vec<(usize, f32)>,
@@ -799,7 +807,8 @@ impl Scheduler {
                 target: "grating::step",
                 seq = a.seq,
                 candidates = a.pairs.len(),
-                embed_us = (a.embed_seconds * 1e6) as u64,
+                // Nothing but the embedding has been computed yet.
+                embed_us = (a.stats.compute_seconds * 1e6) as u64,
                 "request admitted"
             );
             self.active.push(*a);
@@ -850,26 +859,22 @@ impl Scheduler {
             tracing::trace_span!("step", layer = plan.layer, requests = plan.work.len()).entered();
         let served: Vec<usize> = plan.work.iter().map(|w| w.0).collect();
         for (i, a) in self.active.iter_mut().enumerate() {
-            if served.contains(&i) {
-                a.idle_steps = 0;
-            } else {
-                a.idle_steps = a.idle_steps.saturating_add(1);
-            }
-        }
-        if let Some(i) = plan.deferred {
-            self.active[i].deferrals += 1;
+            plan.count_waits(i, &mut a.idle_steps, &mut a.deferrals);
         }
         let model = self.model.clone();
-        // With nothing left after this step, the next work is a newcomer at layer 0.
-        let next = predict_next_layer(
-            &cands,
-            &plan,
-            num_layers,
-            budget,
-            self.opts.starve_after_steps,
-            self.opts.order.rank(self.steps),
-        )
-        .unwrap_or(0);
+        // Only streamed layers are read ahead. With nothing left after this step, the next
+        // work is a newcomer at layer 0.
+        let next = matches!(self.opts.layer_source, LayerSource::Stream(_)).then(|| {
+            predict_next_layer(
+                &cands,
+                &plan,
+                num_layers,
+                budget,
+                self.opts.starve_after_steps,
+                self.opts.order.rank(self.steps),
+            )
+            .unwrap_or(0)
+        });
         let t = Instant::now();
         let obtained = catch_unwind(AssertUnwindSafe(|| self.obtain_layer(plan.layer, next)));
         let obtain_us = t.elapsed().as_micros() as u64;
@@ -929,7 +934,7 @@ impl Scheduler {
                 target: "grating::step",
                 layer = plan.layer,
                 rank = ?rank,
-                next,
+                next = ?next,
                 loads = self.counters.layer_loads.load(Ordering::Relaxed),
                 active = self.active.len(),
                 work = work.join(" "),
@@ -940,8 +945,8 @@ impl Scheduler {
     }
 
     /// Layer `l` for this step; `next` is the predicted layer of the following step, read
-    /// ahead while this one computes when layers are streamed.
-    fn obtain_layer(&mut self, l: usize, next: usize) -> Result<Arc<dyn LayerBlock>> {
+    /// ahead while this one computes (streamed layers only).
+    fn obtain_layer(&mut self, l: usize, next: Option<usize>) -> Result<Arc<dyn LayerBlock>> {
         let block = match self.built.iter().position(|(bl, _)| *bl == l) {
             Some(i) => {
                 let entry = self.built.remove(i).expect("position is in range");
@@ -960,7 +965,7 @@ impl Scheduler {
                 block
             }
         };
-        if let LayerSource::Stream(s) = &self.opts.layer_source {
+        if let (LayerSource::Stream(s), Some(next)) = (&self.opts.layer_source, next) {
             let have = self.built.iter().any(|(bl, _)| *bl == next)
                 || self.read_ahead.as_ref().is_some_and(|(pl, _)| *pl == next);
             if !have {
@@ -1078,7 +1083,6 @@ fn prepare(model: &dyn RerankModel, job: Job, slot: HolderSlot) -> Option<Active
         deferrals: 0,
         stats,
         admitted: started,
-        embed_seconds: started.elapsed().as_secs_f64(),
         layer_tokens: 0,
         layer_seconds: 0.0,
         finals: Vec::new(),
