@@ -37,10 +37,12 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = grating::engine::shared::DEFAULT_STEP_TOKENS)]
     pub step_tokens: usize,
     /// Who gets each layer step first: the request with the least work done so far
-    /// (least-attained), with the least work left (shortest-remaining), the layer the most
-    /// requests wait at (most-shared), or a comma-separated list of them that steps take in
-    /// turn (alternating = shortest-remaining,least-attained).
-    #[arg(long, default_value = "shortest-remaining")]
+    /// (least-attained), with the least work left (shortest-remaining), with the least work
+    /// left counted as if nothing were pruned (shortest-unpruned-remaining), the layer the
+    /// most requests wait at (most-shared), a small request catching up with the leader
+    /// (shortest-remaining-aligned), or a comma-separated list of them that steps take in turn
+    /// (alternating = shortest-remaining,least-attained).
+    #[arg(long, default_value = "shortest-unpruned-remaining")]
     pub queue_order: QueueOrder,
     /// Steps a request with work may be passed over before it goes first whatever the queue
     /// order (the starvation guard).
