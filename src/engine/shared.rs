@@ -252,7 +252,8 @@ pub struct SharedOptions {
     pub order: QueueOrder,
     /// Token budget of one step, shared by the requests in it.
     pub step_tokens: usize,
-    /// Requests holding hidden states at once; later arrivals wait, in arrival order.
+    /// Requests holding hidden states at once; later arrivals wait to be embedded (in
+    /// [`EmbedQueue`] order).
     pub max_active: usize,
     pub starve_after_steps: u32,
     pub layer_source: LayerSource,
@@ -519,7 +520,7 @@ pub fn plan_step(
             waiting_at[l] += 1;
         }
     }
-    order.sort_by_key(|&i| {
+    order.sort_by_cached_key(|&i| {
         let c = &cands[i];
         let (first, second) = match rank {
             Rank::ShortestRemaining | Rank::ShortestRemainingAligned => (c.remaining, 0),
@@ -633,8 +634,6 @@ struct Active {
     reply: Option<Reply>,
     state: PruneState,
     chunks: Vec<Chunk>,
-    /// Tokens of its chunks when admitted (before pruning).
-    admitted_tokens: usize,
     layer: usize,
     next_chunk: usize,
     attained: u64,
@@ -886,7 +885,8 @@ impl Scheduler {
                     layer: a.layer,
                     attained: a.attained,
                     remaining: (chunk_tokens.iter().sum::<usize>() + live * later) as u64,
-                    admitted_tokens: a.admitted_tokens as u64,
+                    // Packed chunks hold every token of every candidate, no padding.
+                    admitted_tokens: a.stats.tokens as u64,
                     idle_steps: a.idle_steps,
                     deferrals: a.deferrals,
                     chunk_tokens,
@@ -1147,7 +1147,6 @@ impl Embedding {
             ..Default::default()
         };
         let k = k.min(n);
-        let chunks = self.chunks;
         Active {
             seq: 0,
             state: PruneState::new(&prune, n, k, info.num_layers),
@@ -1158,8 +1157,7 @@ impl Embedding {
             cancel,
             deadline,
             reply: Some(reply),
-            admitted_tokens: chunks.iter().map(|c| c.batch.num_tokens()).sum(),
-            chunks,
+            chunks: self.chunks,
             layer: 0,
             next_chunk: 0,
             attained: 0,
