@@ -341,3 +341,49 @@ fn lt_linear_and_fused_norm_match_cpu() {
         assert_eq!(max_abs_diff(&same, &g(&x)), 0.0);
     }
 }
+
+/// Uploads go through a small pool of page-locked buffers; a buffer refilled before its copy
+/// reached the device would corrupt an earlier tensor. Many uploads of varying sizes (more
+/// than the pool holds, queued behind a long kernel so the copies are still pending), read
+/// back after all were queued, must each hold their own data.
+#[test]
+fn page_locked_uploads_keep_every_tensor_intact() {
+    let dev = gpu();
+    // A matmul large enough to keep the stream busy while the uploads are queued behind it.
+    let big = Tensor::ones((2048, 2048), DType::F32, &dev).unwrap();
+    let _busy = big.matmul(&big).unwrap();
+    let mut expected: Vec<(Vec<u32>, Tensor)> = Vec::new();
+    let mut floats: Vec<(Vec<f32>, DType, Tensor)> = Vec::new();
+    for i in 0..40usize {
+        let n = 1 + (i * 7919) % 70_000;
+        let ints: Vec<u32> = (0..n as u32)
+            .map(|k| k.wrapping_mul(2_654_435_761) ^ i as u32)
+            .collect();
+        let t = grating::ops::upload_u32(&ints, n, &dev).unwrap();
+        expected.push((ints, t));
+        let dtype = [DType::F32, DType::F16, DType::BF16][i % 3];
+        let vals: Vec<f32> = (0..n).map(|k| ((k + i) % 251) as f32 - 125.0).collect();
+        let t = grating::ops::upload_f32_as(&vals, (n, 1), dtype, &dev).unwrap();
+        floats.push((vals, dtype, t));
+    }
+    for (ints, t) in &expected {
+        assert_eq!(&t.to_vec1::<u32>().unwrap(), ints);
+    }
+    for (vals, dtype, t) in &floats {
+        assert_eq!(t.dtype(), *dtype);
+        // Small integers are exact in every float dtype.
+        let back: Vec<f32> = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(&back, vals);
+    }
+    // Empty uploads are empty tensors, not errors.
+    assert_eq!(
+        grating::ops::upload_u32(&[], 0, &dev).unwrap().elem_count(),
+        0
+    );
+}

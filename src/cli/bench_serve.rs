@@ -77,6 +77,9 @@ struct Level {
     layer_loads: u64,
     read_ahead_hits: u64,
     stall_seconds: f64,
+    /// Seconds the reader threads spent reading those layers (mostly overlapped with
+    /// computation); over `layer_loads`, a layer read's duration under this load.
+    read_seconds: f64,
     /// Steps run, and tokens times layers computed.
     steps: u64,
     token_layers: u64,
@@ -85,6 +88,15 @@ struct Level {
     embed_seconds: f64,
     obtain_seconds: f64,
     compute_seconds: f64,
+}
+
+/// The mean duration of a streamed layer read, for the progress lines.
+fn read_time(read_seconds: f64, loads: u64) -> String {
+    if read_seconds > 0.0 && loads > 0 {
+        format!("{:.2} ms per layer read", read_seconds * 1e3 / loads as f64)
+    } else {
+        "no streamed layer reads".to_string()
+    }
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -170,6 +182,11 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             q
         };
         let mut alone = vec![f64::NAN; nq];
+        let counters = server.state.engine().counters();
+        let reads_before = (
+            counters.read_micros.load(Ordering::Relaxed),
+            counters.layer_loads.load(Ordering::Relaxed),
+        );
         for &q in &small_queries {
             let body = &bodies[q][0];
             send(body)?;
@@ -180,18 +197,22 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             alone[q] = percentile(&mut times, 50.0);
         }
         let mut all_alone: Vec<f64> = small_queries.iter().map(|&q| alone[q]).collect();
+        let alone_reads = (
+            counters.read_micros.load(Ordering::Relaxed) - reads_before.0,
+            counters.layer_loads.load(Ordering::Relaxed) - reads_before.1,
+        );
         eprintln!(
-            "[{mode}] {} small requests ({small} candidates) alone: p50 {:.0} ms, p99 {:.0} ms",
+            "[{mode}] {} small requests ({small} candidates) alone: p50 {:.0} ms, p99 {:.0} ms, {}",
             small_queries.len(),
             percentile(&mut all_alone.clone(), 50.0),
-            percentile(&mut all_alone, 99.0)
+            percentile(&mut all_alone, 99.0),
+            read_time(alone_reads.0 as f64 * 1e-6, alone_reads.1)
         );
         for &c in &args.concurrency {
             let total = args.requests.max(c);
             let next = AtomicUsize::new(0);
             // (request number, status, latency ms)
             let results: Mutex<Vec<(usize, u16, f64)>> = Mutex::new(Vec::new());
-            let counters = server.state.engine().counters();
             let snapshot = || {
                 [
                     counters.steps.load(Ordering::Relaxed),
@@ -203,6 +224,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
                     counters.embed_micros.load(Ordering::Relaxed),
                     counters.obtain_micros.load(Ordering::Relaxed),
                     counters.compute_micros.load(Ordering::Relaxed),
+                    counters.read_micros.load(Ordering::Relaxed),
                 ]
             };
             let before = snapshot();
@@ -224,7 +246,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             });
             let secs = start.elapsed().as_secs_f64();
             let after = snapshot();
-            let [steps, rsteps, loads, hits, stall, token_layers, embed, obtain, compute] =
+            let [steps, rsteps, loads, hits, stall, token_layers, embed, obtain, compute, read] =
                 std::array::from_fn(|i| after[i].saturating_sub(before[i]));
             let res = results.into_inner().expect("results");
             let ok: Vec<&(usize, u16, f64)> = res.iter().filter(|r| r.1 == 200).collect();
@@ -261,6 +283,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
                 layer_loads: loads,
                 read_ahead_hits: hits,
                 stall_seconds: stall as f64 * 1e-6,
+                read_seconds: read as f64 * 1e-6,
                 steps,
                 token_layers,
                 embed_seconds: embed as f64 * 1e-6,
@@ -268,8 +291,9 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
                 compute_seconds: compute as f64 * 1e-6,
             };
             eprintln!(
-                "[{mode}] c={c}: {} ok, {} errors in {secs:.1}s, {:.2} req/s, p50 {:.0} ms, p99 {:.0} ms, small p99 {:.0} ms",
-                l.requests, l.errors, l.throughput_rps, l.p50_ms, l.p99_ms, l.small_p99_ms
+                "[{mode}] c={c}: {} ok, {} errors in {secs:.1}s, {:.2} req/s, p50 {:.0} ms, p99 {:.0} ms, small p99 {:.0} ms, {}",
+                l.requests, l.errors, l.throughput_rps, l.p50_ms, l.p99_ms, l.small_p99_ms,
+                read_time(l.read_seconds, l.layer_loads)
             );
             levels.push(l);
         }

@@ -85,7 +85,7 @@ pub(crate) fn repack(
             }
             let c = old[ci].as_ref().expect("chunk still present");
             let hidden = c.hidden.get(spill, dtype, device)?;
-            let idx = Tensor::from_slice(rows.as_slice(), rows.len(), device)?;
+            let idx = crate::ops::upload_u32(rows, rows.len(), device)?;
             parts.push(hidden.index_select(&idx, 0)?);
             rows.clear();
             Ok(())

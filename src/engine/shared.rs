@@ -319,6 +319,9 @@ pub struct Counters {
     pub layer_loads: AtomicU64,
     /// Streamed layer loads that found their layer already read ahead.
     pub read_ahead_hits: AtomicU64,
+    /// Microseconds the reader threads took to read the streamed layers that steps used
+    /// (mostly overlapped with computation, unlike `stall_micros`).
+    pub read_micros: AtomicU64,
     /// Microseconds spent embedding requests (on the embedder thread), and on the scheduler's
     /// thread obtaining layers (stalls included) and running them (scoring included).
     pub embed_micros: AtomicU64,
@@ -941,16 +944,39 @@ impl Scheduler {
             .request_steps
             .fetch_add(plan.work.len() as u64, Ordering::Relaxed);
         let t = Instant::now();
+        // Two phases: every request's chunks are queued first, then the requests that completed
+        // the layer are scored. Scoring reads the scores back to the host, which waits for the
+        // device; done per request between the others' layers, each read-back waited before
+        // the next request's kernels were queued.
+        let mut completed: Vec<usize> = Vec::with_capacity(plan.work.len());
         for &(i, n) in &plan.work {
             let counters = &self.counters;
             let a = &mut self.active[i];
             let r = catch_unwind(AssertUnwindSafe(|| {
-                advance(model.as_ref(), layer.as_ref(), a, n, counters)
+                run_chunks(model.as_ref(), layer.as_ref(), a, n, counters)
+            }));
+            let err = match r {
+                Ok(Ok(true)) => {
+                    completed.push(i);
+                    continue;
+                }
+                Ok(Ok(false)) => continue,
+                Ok(Err(e)) => e,
+                Err(_) => GratingError::Internal("panic while running a layer".into()),
+            };
+            tracing::error!(error = %err, "request failed inside the engine");
+            a.finish(Err(err), counters);
+        }
+        for i in completed {
+            let counters = &self.counters;
+            let a = &mut self.active[i];
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                complete_layer(model.as_ref(), a, counters)
             }));
             let err = match r {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => e,
-                Err(_) => GratingError::Internal("panic while running a layer".into()),
+                Err(_) => GratingError::Internal("panic while scoring a layer".into()),
             };
             tracing::error!(error = %err, "request failed inside the engine");
             a.finish(Err(err), counters);
@@ -1038,6 +1064,9 @@ impl Scheduler {
                 self.counters
                     .stall_micros
                     .fetch_add((stall * 1e6) as u64, Ordering::Relaxed);
+                self.counters
+                    .read_micros
+                    .fetch_add((stream.read_seconds() * 1e6) as u64, Ordering::Relaxed);
                 Ok(block)
             }
         }
@@ -1376,15 +1405,15 @@ enum Ready {
     CancelAll,
 }
 
-/// Runs `layer` over the next `n` chunks of `a`; when that completes the layer, scores, prunes
-/// and repacks exactly as a lone monolithic pass does, and answers when the request is done.
-fn advance(
+/// Runs `layer` over the next `n` chunks of `a` (queues their kernels). Returns whether that
+/// completed the layer for `a`, which [`complete_layer`] must then finish.
+fn run_chunks(
     model: &dyn RerankModel,
     layer: &dyn LayerBlock,
     a: &mut Active,
     n: usize,
     counters: &Counters,
-) -> Result<()> {
+) -> Result<bool> {
     let info = model.info();
     let t = Instant::now();
     let end = (a.next_chunk + n).min(a.chunks.len());
@@ -1403,11 +1432,15 @@ fn advance(
     }
     a.next_chunk = end;
     a.layer_seconds += t.elapsed().as_secs_f64();
-    if a.next_chunk < a.chunks.len() {
-        a.stats.compute_seconds += t.elapsed().as_secs_f64();
-        return Ok(());
-    }
-    // The layer is complete for this request.
+    a.stats.compute_seconds += t.elapsed().as_secs_f64();
+    Ok(a.next_chunk >= a.chunks.len())
+}
+
+/// Finishes a layer `a` has run over all its chunks: scores, prunes and repacks exactly as a
+/// lone monolithic pass does, and answers when the request is done.
+fn complete_layer(model: &dyn RerankModel, a: &mut Active, counters: &Counters) -> Result<()> {
+    let info = model.info();
+    let t = Instant::now();
     let layer_no = a.layer + 1;
     let is_last = layer_no == info.num_layers;
     let live_before: usize = a.chunks.iter().map(|c| c.members.len()).sum();
@@ -1418,6 +1451,9 @@ fn advance(
         for chunk in &a.chunks {
             ids.extend_from_slice(&chunk.members);
             scores.extend(model.score(chunk.hidden.resident()?, &chunk.batch)?);
+        }
+        if let Some(Ok(t)) = a.chunks.first().map(|c| c.hidden.resident()) {
+            crate::ops::profile::mark("score", t);
         }
         if is_last {
             a.finals = ids.into_iter().zip(scores).collect();
@@ -1439,6 +1475,9 @@ fn advance(
                 None,
                 (dtype, &device),
             )?;
+            if let Some(Ok(t)) = a.chunks.first().map(|c| c.hidden.resident()) {
+                crate::ops::profile::mark("repack", t);
+            }
         }
     }
     a.stats.layer_timings.push(LayerTiming {

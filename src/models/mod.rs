@@ -261,6 +261,6 @@ pub(crate) fn check_labels(n: usize) -> Result<()> {
 
 /// Gathers rows `rows` of `hidden` (`[T, D]`).
 pub(crate) fn gather_rows(hidden: &Tensor, rows: &[u32]) -> Result<Tensor> {
-    let idx = Tensor::from_slice(rows, rows.len(), hidden.device())?;
+    let idx = crate::ops::upload_u32(rows, rows.len(), hidden.device())?;
     Ok(hidden.index_select(&idx, 0)?)
 }

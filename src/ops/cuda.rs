@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys as lt_sys};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaEvent, CudaView, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{
@@ -888,5 +888,138 @@ impl CustomOp3 for LtLinear {
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         lt_dispatch((xs, xl), (ws, wl), Some((bs, bl)))
+    }
+}
+
+/// A page-locked buffer that small host-to-device copies go through, and the event recorded
+/// after the last copy out of it (a refill waits for that copy).
+struct PinnedBuf {
+    host: PinnedHostSlice<u8>,
+    copied: Option<CudaEvent>,
+}
+
+/// Idle page-locked buffers, smallest first. A copy out of pageable memory makes the driver
+/// wait for everything queued on the stream before it starts (and then stage the bytes
+/// itself), so every index or embedding upload used to stall the uploading thread until the
+/// GPU ran dry, and hold the other thread's kernels up behind it.
+static PINNED: Mutex<Vec<PinnedBuf>> = Mutex::new(Vec::new());
+/// At most this many idle buffers are kept; smaller ones are given back first.
+const PINNED_POOL: usize = 8;
+/// Buffers are allocated in powers of two from this size (page-locking costs milliseconds).
+const PINNED_MIN_BYTES: usize = 64 << 10;
+
+fn pinned_err(e: candle_core::cuda_backend::cudarc::driver::DriverError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("CUDA driver: {e}"))
+}
+
+/// A `len`-element tensor of `shape` on `dev` whose elements `fill` writes on the host; the
+/// copy goes out of page-locked memory on the device's stream, so it neither waits for the
+/// queued kernels nor makes them wait for a staging copy.
+fn upload_with<T: CudaDType + DeviceRepr + Copy>(
+    dev: &CudaDevice,
+    len: usize,
+    shape: Shape,
+    fill: impl FnOnce(&mut [T]),
+) -> Result<Tensor> {
+    use candle_core::cuda_backend::cudarc::driver::{result, DevicePtrMut};
+    if shape.elem_count() != len {
+        bail!("upload: {len} elements for shape {shape:?}");
+    }
+    let stream = dev.cuda_stream();
+    let bytes = len * std::mem::size_of::<T>();
+    if bytes == 0 {
+        let empty = unsafe { dev.alloc::<T>(0)? };
+        let storage = CudaStorage::wrap_cuda_slice(empty, dev.clone());
+        return Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ));
+    }
+    let ctx = stream.context().clone();
+    let taken = {
+        let mut pool = PINNED.lock().unwrap_or_else(|p| p.into_inner());
+        pool.iter()
+            .position(|b| Arc::ptr_eq(b.host.context(), &ctx) && b.host.len() >= bytes)
+            .map(|i| pool.remove(i))
+    };
+    let mut buf = match taken {
+        Some(b) => b,
+        None => PinnedBuf {
+            // Ordinary (cached) page-locked memory: the host writes it element by element.
+            host: unsafe {
+                ctx.alloc_pinned_with_flags::<u8>(
+                    bytes.next_power_of_two().max(PINNED_MIN_BYTES),
+                    0,
+                )
+            }
+            .map_err(pinned_err)?,
+            copied: None,
+        },
+    };
+    if let Some(e) = buf.copied.take() {
+        e.synchronize().map_err(pinned_err)?;
+    }
+    let host = buf.host.as_mut_slice().map_err(pinned_err)?;
+    if (host.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+        bail!("page-locked buffer is not aligned for its elements");
+    }
+    // SAFETY: the buffer holds at least `bytes` bytes, is aligned for `T` (checked), no copy
+    // out of it is in flight (waited for above), and `T` is a plain number type.
+    let typed = unsafe { std::slice::from_raw_parts_mut(host.as_mut_ptr() as *mut T, len) };
+    fill(typed);
+    let mut dst = unsafe { dev.alloc::<T>(len)? };
+    {
+        let (dptr, _record) = dst.device_ptr_mut(&stream);
+        // SAFETY: `dst` holds `len` elements; the source stays alive and untouched until the
+        // event recorded below has passed.
+        unsafe { result::memcpy_htod_async(dptr, &host[..bytes], stream.cu_stream()) }
+            .map_err(pinned_err)?;
+    }
+    buf.copied = Some(stream.record_event(None).map_err(pinned_err)?);
+    {
+        let mut pool = PINNED.lock().unwrap_or_else(|p| p.into_inner());
+        pool.push(buf);
+        pool.sort_by_key(|b| b.host.len());
+        while pool.len() > PINNED_POOL {
+            let small = pool.remove(0);
+            if let Some(e) = &small.copied {
+                // Freeing page-locked memory under a copy in flight is undefined.
+                e.synchronize().map_err(pinned_err)?;
+            }
+        }
+    }
+    let storage = CudaStorage::wrap_cuda_slice(dst, dev.clone());
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+/// `data` as a u32 tensor of `shape` on `dev`, copied out of page-locked memory.
+pub fn upload_u32(dev: &CudaDevice, data: &[u32], shape: Shape) -> Result<Tensor> {
+    upload_with::<u32>(dev, data.len(), shape, |out| out.copy_from_slice(data))
+}
+
+/// `data` converted to `dtype` on the host, as a tensor of `shape` on `dev`, copied out of
+/// page-locked memory (half the bytes of an f32 upload for f16/bf16, and no conversion kernel).
+pub fn upload_f32_as(dev: &CudaDevice, data: &[f32], dtype: DType, shape: Shape) -> Result<Tensor> {
+    let n = data.len();
+    match dtype {
+        DType::F32 => upload_with::<f32>(dev, n, shape, |out| out.copy_from_slice(data)),
+        DType::F16 => upload_with::<half::f16>(dev, n, shape, |out| {
+            for (o, &x) in out.iter_mut().zip(data) {
+                *o = half::f16::from_f32(x);
+            }
+        }),
+        DType::BF16 => upload_with::<half::bf16>(dev, n, shape, |out| {
+            for (o, &x) in out.iter_mut().zip(data) {
+                *o = half::bf16::from_f32(x);
+            }
+        }),
+        d => bail!("upload: {d:?} is not a float type the engine computes in"),
     }
 }

@@ -54,6 +54,38 @@ fn fused_gpu(t: &Tensor) -> bool {
         && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
 }
 
+/// Indices (or other u32 data) as a tensor on `device`. On a GPU the bytes go through
+/// page-locked memory, so the upload neither waits for the kernels queued before it nor
+/// holds up the ones queued after it for a staging copy.
+pub fn upload_u32(
+    data: &[u32],
+    shape: impl Into<candle_core::Shape>,
+    device: &Device,
+) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return cuda::upload_u32(dev, data, shape.into());
+    }
+    Tensor::from_slice(data, shape, device)
+}
+
+/// `data` as a `dtype` tensor on `device`, converted on the host (on a GPU copied out of
+/// page-locked memory, as [`upload_u32`]).
+pub fn upload_f32_as(
+    data: &[f32],
+    shape: impl Into<candle_core::Shape>,
+    dtype: DType,
+    device: &Device,
+) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        return cuda::upload_f32_as(dev, data, dtype, shape.into());
+    }
+    Tensor::from_slice(data, shape, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)
+}
+
 fn cpu_tensor(data: Vec<f32>, dims: (usize, usize)) -> CResult<Tensor> {
     Tensor::from_vec(data, dims, &Device::Cpu)
 }
@@ -484,7 +516,7 @@ fn attention_flash(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> C
                     t.extend([start as u32, len as u32, m0 as u32]);
                 }
             }
-            Ok(vec![Tensor::new(t.as_slice(), dev)?])
+            Ok(vec![upload_u32(&t, t.len(), dev)?])
         })?;
     let n_tiles = tiles[0].elem_count() / 3;
     if n_tiles == 0 {
@@ -619,7 +651,7 @@ fn attention_plan(
             let m: Vec<f32> = (0..lmax)
                 .flat_map(|i| (0..lmax).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
                 .collect();
-            Tensor::from_vec(m, (lmax, lmax), dev)?
+            upload_f32_as(&m, (lmax, lmax), DType::F32, dev)?
         } else if uneven {
             let m: Vec<f32> = spans
                 .iter()
@@ -627,13 +659,13 @@ fn attention_plan(
                     (0..lmax).map(move |j| if j < len { 0.0 } else { f32::NEG_INFINITY })
                 })
                 .collect();
-            Tensor::from_vec(m, (b, 1, 1, lmax), dev)?
+            upload_f32_as(&m, (b, 1, 1, lmax), DType::F32, dev)?
         } else {
             Tensor::zeros(1, DType::F32, dev)?
         };
         let (ng, nk) = (gather.len(), keep.len());
-        plan.push(Tensor::from_vec(gather, ng, dev)?);
-        plan.push(Tensor::from_vec(keep, nk, dev)?);
+        plan.push(upload_u32(&gather, ng, dev)?);
+        plan.push(upload_u32(&keep, nk, dev)?);
         plan.push(mask.to_dtype(dtype)?);
     }
     Ok(plan)
@@ -657,8 +689,8 @@ fn attention_cuda(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> CR
                 let spans = &layout.spans[r.clone()];
                 let starts: Vec<u32> = spans.iter().map(|s| s.0 as u32).collect();
                 let lens: Vec<u32> = spans.iter().map(|s| s.1 as u32).collect();
-                v.push(Tensor::new(starts.as_slice(), dev)?);
-                v.push(Tensor::new(lens.as_slice(), dev)?);
+                v.push(upload_u32(&starts, starts.len(), dev)?);
+                v.push(upload_u32(&lens, lens.len(), dev)?);
             }
             Ok(v)
         })?;
@@ -804,7 +836,11 @@ pub fn qk_norm_rope(
         let pos = layout
             .device_cache
             .get_or_build(dev, CacheKey::Positions, || {
-                Ok(vec![Tensor::new(layout.positions.as_slice(), dev)?])
+                Ok(vec![upload_u32(
+                    &layout.positions,
+                    layout.positions.len(),
+                    dev,
+                )?])
             })?;
         return qkv.apply_op1_no_bwd(&cuda::QkNormRope {
             n_heads: shape.n_heads,
@@ -839,7 +875,7 @@ fn qk_norm_rope_generic(
         .device_cache
         .get_or_build(dev, CacheKey::Rope { half }, || {
             let (cos_table, sin_table) = rope.on_device(dev)?;
-            let pos = Tensor::from_slice(&layout.positions, rows, dev)?;
+            let pos = upload_u32(&layout.positions, rows, dev)?;
             Ok(vec![
                 cos_table.index_select(&pos, 0)?.reshape((rows, 1, half))?,
                 sin_table.index_select(&pos, 0)?.reshape((rows, 1, half))?,

@@ -29,6 +29,8 @@ struct Buffers {
     blob: CudaSlice<u8>,
     /// Recorded on the compute stream once the last layer was copied out of `blob`.
     consumed: Option<CudaEvent>,
+    /// Recorded on the copy stream after the last upload out of `host`.
+    upload_done: Option<CudaEvent>,
 }
 
 static POOL: Mutex<Vec<Buffers>> = Mutex::new(Vec::new());
@@ -79,12 +81,24 @@ impl GpuLink {
         let location = Device::Cuda(self.device.clone()).location();
         {
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = pool
+            let fits = |b: &Buffers| b.location == location && b.blob.len() >= bytes;
+            let uploaded = |b: &Buffers| b.upload_done.as_ref().is_none_or(|e| e.is_complete());
+            // A buffer whose last upload has finished, returned longest ago. The one returned
+            // last is often still being copied to the GPU (a layer goes back to the pool as
+            // soon as its tensors are queued): refilling it would wait for that copy. With
+            // fewer than two fitting buffers idle a new one is made (once); with two, the
+            // older copy ends first.
+            let pick = pool
                 .iter()
-                .position(|b| b.location == location && b.blob.len() >= bytes)
-            {
+                .position(|b| fits(b) && uploaded(b))
+                .or_else(|| {
+                    (pool.iter().filter(|b| fits(b)).count() >= 2)
+                        .then(|| pool.iter().position(fits))
+                        .flatten()
+                });
+            if let Some(i) = pick {
                 return Ok(GpuStaging {
-                    buffers: Some(pool.swap_remove(i)),
+                    buffers: Some(pool.remove(i)),
                     uploaded: None,
                 });
             }
@@ -100,6 +114,7 @@ impl GpuLink {
                 host,
                 blob,
                 consumed: None,
+                upload_done: None,
             }),
             uploaded: None,
         })
@@ -160,6 +175,7 @@ impl GpuStaging {
         link.copy
             .memcpy_htod(&b.host, &mut b.blob)
             .map_err(driver)?;
+        b.upload_done = Some(link.copy.record_event(None).map_err(driver)?);
         self.uploaded = Some(link.copy.record_event(None).map_err(driver)?);
         Ok(())
     }

@@ -144,7 +144,7 @@ impl EmbeddingTable {
     pub fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
         match self {
             EmbeddingTable::Resident(t) => {
-                let idx = Tensor::from_slice(ids, ids.len(), t.device())?;
+                let idx = crate::ops::upload_u32(ids, ids.len(), t.device())?;
                 Ok(t.index_select(&idx, 0)?)
             }
             EmbeddingTable::Cached(c) => c.lookup(ids),
@@ -360,18 +360,12 @@ impl RowCache {
             }
         }
         drop(st);
-        let rows = Tensor::from_vec(table, (unique.len(), d), &Device::Cpu)?;
-        let rows = if self.dtype != DType::F32 {
-            rows.to_dtype(self.dtype)?
-        } else {
-            rows
-        };
+        let rows = crate::ops::upload_f32_as(&table, (unique.len(), d), self.dtype, &self.device)?;
         let positions: Vec<u32> = ids
             .iter()
             .map(|id| unique.binary_search(id).unwrap_or(0) as u32)
             .collect();
-        let rows = rows.to_device(&self.device)?;
-        let positions = Tensor::from_vec(positions, ids.len(), &self.device)?;
+        let positions = crate::ops::upload_u32(&positions, ids.len(), &self.device)?;
         Ok(rows.index_select(&positions, 0)?)
     }
 }

@@ -87,6 +87,8 @@ enum Staging {
 struct Loaded {
     layer: usize,
     buf: Staging,
+    /// How long the reader took to read (and queue the upload of) the layer's bytes.
+    read_seconds: f64,
 }
 
 /// Largest single `pread` of a parallel layer read.
@@ -95,11 +97,18 @@ const READ_PIECE: usize = 4 << 20;
 /// Reader threads for a layer bound for a GPU. A layer read from the page cache is a memory
 /// copy that one thread does at a few GB/s, slower than the upload and than a layer's kernels
 /// on a large GPU; the host's cores are otherwise idle there. (On the CPU they compute.)
+/// `GRATING_READ_THREADS` overrides the count.
 #[cfg(feature = "cuda")]
 fn gpu_reader_threads() -> usize {
     // Asked once: the answer can involve reading cgroup files, and layers are read often.
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+    *THREADS.get_or_init(|| {
+        std::env::var("GRATING_READ_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+    })
 }
 
 /// Reads `plan`'s tensors, in file order, into `buf`, split into contiguous parts read by
@@ -200,6 +209,7 @@ pub struct LayerStream {
     device: Device,
     #[cfg(feature = "cuda")]
     link: Option<super::gpu_stage::GpuLink>,
+    read_seconds: f64,
 }
 
 impl LayerStream {
@@ -247,6 +257,7 @@ impl LayerStream {
             .spawn(move || {
                 for layer in order {
                     let Ok(mut buf) = free_rx.recv() else { return };
+                    let t = Instant::now();
                     let result = fill(
                         &files,
                         &io_plans[layer],
@@ -255,7 +266,11 @@ impl LayerStream {
                         io_link.as_ref(),
                     );
                     let failed = result.is_err();
-                    let msg = result.map(|_| Loaded { layer, buf });
+                    let msg = result.map(|_| Loaded {
+                        layer,
+                        buf,
+                        read_seconds: t.elapsed().as_secs_f64(),
+                    });
                     if ready_tx.send(msg).is_err() || failed {
                         return;
                     }
@@ -270,7 +285,14 @@ impl LayerStream {
             device,
             #[cfg(feature = "cuda")]
             link,
+            read_seconds: 0.0,
         }
+    }
+
+    /// Seconds the reader spent reading the layers delivered so far (not the time the
+    /// compute thread waited for them: most of a read overlaps computation).
+    pub fn read_seconds(&self) -> f64 {
+        self.read_seconds
     }
 
     /// Waits for layer `layer` (the next in the order) and builds it. Returns the layer and the
@@ -297,6 +319,7 @@ impl LayerStream {
                 loaded.layer
             )));
         }
+        self.read_seconds += loaded.read_seconds;
         let mut buf = loaded.buf;
         let block = match &mut buf {
             Staging::Host(bytes) => {
