@@ -183,10 +183,26 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         };
         let mut alone = vec![f64::NAN; nq];
         let counters = server.state.engine().counters();
-        let reads_before = (
-            counters.read_micros.load(Ordering::Relaxed),
-            counters.layer_loads.load(Ordering::Relaxed),
-        );
+        // Engine counters, differenced around the alone runs and each level.
+        let snapshot = || {
+            [
+                counters.steps.load(Ordering::Relaxed),
+                counters.request_steps.load(Ordering::Relaxed),
+                counters.layer_loads.load(Ordering::Relaxed),
+                counters.read_ahead_hits.load(Ordering::Relaxed),
+                counters.stall_micros.load(Ordering::Relaxed),
+                counters.token_layers.load(Ordering::Relaxed),
+                counters.embed_micros.load(Ordering::Relaxed),
+                counters.obtain_micros.load(Ordering::Relaxed),
+                counters.compute_micros.load(Ordering::Relaxed),
+                counters.read_micros.load(Ordering::Relaxed),
+            ]
+        };
+        let delta = |before: [u64; 10]| -> [u64; 10] {
+            let after = snapshot();
+            std::array::from_fn(|i| after[i].saturating_sub(before[i]))
+        };
+        let alone_before = snapshot();
         for &q in &small_queries {
             let body = &bodies[q][0];
             send(body)?;
@@ -197,36 +213,19 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             alone[q] = percentile(&mut times, 50.0);
         }
         let mut all_alone: Vec<f64> = small_queries.iter().map(|&q| alone[q]).collect();
-        let alone_reads = (
-            counters.read_micros.load(Ordering::Relaxed) - reads_before.0,
-            counters.layer_loads.load(Ordering::Relaxed) - reads_before.1,
-        );
+        let [_, _, alone_loads, _, _, _, _, _, _, alone_read] = delta(alone_before);
         eprintln!(
             "[{mode}] {} small requests ({small} candidates) alone: p50 {:.0} ms, p99 {:.0} ms, {}",
             small_queries.len(),
             percentile(&mut all_alone.clone(), 50.0),
             percentile(&mut all_alone, 99.0),
-            read_time(alone_reads.0 as f64 * 1e-6, alone_reads.1)
+            read_time(alone_read as f64 * 1e-6, alone_loads)
         );
         for &c in &args.concurrency {
             let total = args.requests.max(c);
             let next = AtomicUsize::new(0);
             // (request number, status, latency ms)
             let results: Mutex<Vec<(usize, u16, f64)>> = Mutex::new(Vec::new());
-            let snapshot = || {
-                [
-                    counters.steps.load(Ordering::Relaxed),
-                    counters.request_steps.load(Ordering::Relaxed),
-                    counters.layer_loads.load(Ordering::Relaxed),
-                    counters.read_ahead_hits.load(Ordering::Relaxed),
-                    counters.stall_micros.load(Ordering::Relaxed),
-                    counters.token_layers.load(Ordering::Relaxed),
-                    counters.embed_micros.load(Ordering::Relaxed),
-                    counters.obtain_micros.load(Ordering::Relaxed),
-                    counters.compute_micros.load(Ordering::Relaxed),
-                    counters.read_micros.load(Ordering::Relaxed),
-                ]
-            };
             let before = snapshot();
             let start = Instant::now();
             let limit = Duration::from_secs_f64(args.max_seconds);
@@ -245,9 +244,8 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
                 }
             });
             let secs = start.elapsed().as_secs_f64();
-            let after = snapshot();
             let [steps, rsteps, loads, hits, stall, token_layers, embed, obtain, compute, read] =
-                std::array::from_fn(|i| after[i].saturating_sub(before[i]));
+                delta(before);
             let res = results.into_inner().expect("results");
             let ok: Vec<&(usize, u16, f64)> = res.iter().filter(|r| r.1 == 200).collect();
             let mut all: Vec<f64> = ok.iter().map(|r| r.2).collect();

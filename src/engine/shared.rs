@@ -948,38 +948,20 @@ impl Scheduler {
         // the layer are scored. Scoring reads the scores back to the host, which waits for the
         // device; done per request between the others' layers, each read-back waited before
         // the next request's kernels were queued.
+        let counters = &self.counters;
         let mut completed: Vec<usize> = Vec::with_capacity(plan.work.len());
         for &(i, n) in &plan.work {
-            let counters = &self.counters;
-            let a = &mut self.active[i];
-            let r = catch_unwind(AssertUnwindSafe(|| {
+            let ran = guarded(&mut self.active[i], counters, "running a layer", |a| {
                 run_chunks(model.as_ref(), layer.as_ref(), a, n, counters)
-            }));
-            let err = match r {
-                Ok(Ok(true)) => {
-                    completed.push(i);
-                    continue;
-                }
-                Ok(Ok(false)) => continue,
-                Ok(Err(e)) => e,
-                Err(_) => GratingError::Internal("panic while running a layer".into()),
-            };
-            tracing::error!(error = %err, "request failed inside the engine");
-            a.finish(Err(err), counters);
+            });
+            if ran == Some(true) {
+                completed.push(i);
+            }
         }
         for i in completed {
-            let counters = &self.counters;
-            let a = &mut self.active[i];
-            let r = catch_unwind(AssertUnwindSafe(|| {
+            guarded(&mut self.active[i], counters, "scoring a layer", |a| {
                 complete_layer(model.as_ref(), a, counters)
-            }));
-            let err = match r {
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => e,
-                Err(_) => GratingError::Internal("panic while scoring a layer".into()),
-            };
-            tracing::error!(error = %err, "request failed inside the engine");
-            a.finish(Err(err), counters);
+            });
         }
         let computed = t.elapsed();
         self.counters
@@ -1080,10 +1062,9 @@ impl Scheduler {
     }
 }
 
-/// Embeds a job's candidates into chunks (as [`super::monolithic::forward`] does), on the
-/// embedder thread. Answers the job and returns None when it is refused or fails.
-/// A job on the embedder thread, embedded one chunk at a time so that a small job arriving
-/// meanwhile waits for one chunk of a large one, not for all of it.
+/// A job on the embedder thread, embedded into chunks (as [`super::monolithic::forward`]
+/// does) one chunk at a time, so that a small job arriving meanwhile waits for one chunk of a
+/// large one, not for all of it.
 struct Embedding {
     job: Box<Job>,
     submitted: Instant,
@@ -1148,6 +1129,12 @@ impl Embedding {
         }
         self.embed_seconds += t.elapsed().as_secs_f64();
         Ok(plan.is_empty())
+    }
+
+    /// Answers the job with `err`: it leaves the engine before admission.
+    fn refuse(self, err: GratingError, counters: &Counters) {
+        counters.pending.fetch_sub(1, Ordering::SeqCst);
+        (self.job.reply)(Err(err));
     }
 
     /// The embedded request, ready for the scheduler.
@@ -1279,10 +1266,10 @@ fn embedder(
             match holders.acquire(&cancelled) {
                 Some(slot) => e.slot = Some(slot),
                 None => {
-                    counters.pending.fetch_sub(1, Ordering::SeqCst);
-                    (e.job.reply)(Err(GratingError::Cancelled(
-                        "the server is shutting down".into(),
-                    )));
+                    e.refuse(
+                        GratingError::Cancelled("the server is shutting down".into()),
+                        &counters,
+                    );
                     continue;
                 }
             }
@@ -1307,8 +1294,7 @@ fn embedder(
             }
         };
         if let Some(err) = error {
-            counters.pending.fetch_sub(1, Ordering::SeqCst);
-            (e.job.reply)(Err(err));
+            e.refuse(err, &counters);
             continue;
         }
         let a = e.into_active(model.as_ref());
@@ -1403,6 +1389,24 @@ impl EmbedQueue {
 enum Ready {
     Request(Box<Active>),
     CancelAll,
+}
+
+/// Runs `f` on `a`; an error or a panic answers `a` with an error (the other requests go on)
+/// and gives None.
+fn guarded<T>(
+    a: &mut Active,
+    counters: &Counters,
+    doing: &str,
+    f: impl FnOnce(&mut Active) -> Result<T>,
+) -> Option<T> {
+    let err = match catch_unwind(AssertUnwindSafe(|| f(a))) {
+        Ok(Ok(v)) => return Some(v),
+        Ok(Err(e)) => e,
+        Err(_) => GratingError::Internal(format!("panic while {doing}")),
+    };
+    tracing::error!(error = %err, "request failed inside the engine");
+    a.finish(Err(err), counters);
+    None
 }
 
 /// Runs `layer` over the next `n` chunks of `a` (queues their kernels). Returns whether that

@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys as lt_sys};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaEvent, CudaView, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaEvent, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{
@@ -921,22 +921,32 @@ fn upload_with<T: CudaDType + DeviceRepr + Copy>(
     shape: Shape,
     fill: impl FnOnce(&mut [T]),
 ) -> Result<Tensor> {
-    use candle_core::cuda_backend::cudarc::driver::{result, DevicePtrMut};
     if shape.elem_count() != len {
         bail!("upload: {len} elements for shape {shape:?}");
     }
-    let stream = dev.cuda_stream();
-    let bytes = len * std::mem::size_of::<T>();
-    if bytes == 0 {
-        let empty = unsafe { dev.alloc::<T>(0)? };
-        let storage = CudaStorage::wrap_cuda_slice(empty, dev.clone());
-        return Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            shape,
-            candle_core::op::BackpropOp::none(),
-            false,
-        ));
+    let mut dst = unsafe { dev.alloc::<T>(len)? };
+    if len > 0 {
+        copy_through_pinned(dev, &mut dst, fill)?;
     }
+    let storage = CudaStorage::wrap_cuda_slice(dst, dev.clone());
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+/// Fills a pooled page-locked buffer with `fill` and queues its copy into all of `dst`.
+fn copy_through_pinned<T: DeviceRepr + Copy>(
+    dev: &CudaDevice,
+    dst: &mut CudaSlice<T>,
+    fill: impl FnOnce(&mut [T]),
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, DevicePtrMut};
+    let stream = dev.cuda_stream();
+    let len = dst.len();
+    let bytes = len * std::mem::size_of::<T>();
     let ctx = stream.context().clone();
     let taken = {
         let mut pool = PINNED.lock().unwrap_or_else(|p| p.into_inner());
@@ -969,7 +979,6 @@ fn upload_with<T: CudaDType + DeviceRepr + Copy>(
     // out of it is in flight (waited for above), and `T` is a plain number type.
     let typed = unsafe { std::slice::from_raw_parts_mut(host.as_mut_ptr() as *mut T, len) };
     fill(typed);
-    let mut dst = unsafe { dev.alloc::<T>(len)? };
     {
         let (dptr, _record) = dst.device_ptr_mut(&stream);
         // SAFETY: `dst` holds `len` elements; the source stays alive and untouched until the
@@ -978,25 +987,17 @@ fn upload_with<T: CudaDType + DeviceRepr + Copy>(
             .map_err(pinned_err)?;
     }
     buf.copied = Some(stream.record_event(None).map_err(pinned_err)?);
-    {
-        let mut pool = PINNED.lock().unwrap_or_else(|p| p.into_inner());
-        pool.push(buf);
-        pool.sort_by_key(|b| b.host.len());
-        while pool.len() > PINNED_POOL {
-            let small = pool.remove(0);
-            if let Some(e) = &small.copied {
-                // Freeing page-locked memory under a copy in flight is undefined.
-                e.synchronize().map_err(pinned_err)?;
-            }
+    let mut pool = PINNED.lock().unwrap_or_else(|p| p.into_inner());
+    pool.push(buf);
+    pool.sort_by_key(|b| b.host.len());
+    while pool.len() > PINNED_POOL {
+        let small = pool.remove(0);
+        if let Some(e) = &small.copied {
+            // Freeing page-locked memory under a copy in flight is undefined.
+            e.synchronize().map_err(pinned_err)?;
         }
     }
-    let storage = CudaStorage::wrap_cuda_slice(dst, dev.clone());
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
-        shape,
-        candle_core::op::BackpropOp::none(),
-        false,
-    ))
+    Ok(())
 }
 
 /// `data` as a u32 tensor of `shape` on `dev`, copied out of page-locked memory.

@@ -82,7 +82,8 @@ impl GpuLink {
         {
             let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
             let fits = |b: &Buffers| b.location == location && b.blob.len() >= bytes;
-            let uploaded = |b: &Buffers| b.upload_done.as_ref().is_none_or(|e| e.is_complete());
+            let upload_finished =
+                |b: &Buffers| b.upload_done.as_ref().is_none_or(|e| e.is_complete());
             // A buffer whose last upload has finished, returned longest ago. The one returned
             // last is often still being copied to the GPU (a layer goes back to the pool as
             // soon as its tensors are queued): refilling it would wait for that copy. With
@@ -90,7 +91,7 @@ impl GpuLink {
             // older copy ends first.
             let pick = pool
                 .iter()
-                .position(|b| fits(b) && uploaded(b))
+                .position(|b| fits(b) && upload_finished(b))
                 .or_else(|| {
                     (pool.iter().filter(|b| fits(b)).count() >= 2)
                         .then(|| pool.iter().position(fits))
