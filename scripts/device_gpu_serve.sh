@@ -12,5 +12,5 @@ python3 -c "import sys; sys.path.insert(0, 'scripts'); import gpu_bench; gpu_ben
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-$(python3 -c 'import glob,site; print(":".join(sorted({p.rsplit("/",1)[0] for sp in site.getsitepackages() for p in glob.glob(sp+"/nvidia/**/libcublas.so.13", recursive=True)})))')}"
 "$work/bin/grating" bench-serve --model "$model" --device cuda:0 --weights stream \
   --data "$work/shared/data/trec-dl19-subset" --concurrency "${GRATING_SERVE_CONC:-1,4,16}" --modes "${GRATING_SERVE_MODES:-shared,sequential}" --top-n 10 \
-  --requests "${GRATING_SERVE_REQUESTS:-32}" --max-seconds 40 --alone-runs "${GRATING_SERVE_ALONE:-1}" ${GRATING_SERVE_ARGS:-} \
+  --requests "${GRATING_SERVE_REQUESTS:-32}" --max-seconds 40 --alone-runs "${GRATING_SERVE_ALONE:-3}" ${GRATING_SERVE_ARGS:-} \
   --json "$out/serve_${GRATING_SERVE_TAG:-gpu}.json" 2>&1 | tee "$out/serve_${GRATING_SERVE_TAG:-gpu}.md"

@@ -205,7 +205,7 @@ fn info_health_metrics_and_docs() {
     assert_eq!(v["num_layers"], 6);
     assert_eq!(v["mode"], "grating");
     assert_eq!(v["layer_sharing"], true);
-    assert_eq!(v["queue_order"], "shortest-unpruned-remaining");
+    assert_eq!(v["queue_order"], "shortest-unpruned-aligned");
     assert_eq!(v["limits"]["max_documents"], 50);
     assert!(v["model"].as_str().unwrap().contains(MODEL));
 
@@ -499,6 +499,7 @@ fn shared_engine_interleaving_is_exact() {
         (QueueOrder::alternating(), true, 1),
         ("shortest-remaining,most-shared".parse().unwrap(), true, 2),
         ("shortest-unpruned-remaining".parse().unwrap(), true, 2),
+        ("shortest-unpruned-aligned".parse().unwrap(), true, 2),
     ];
     for (order, stream, cached_layers) in configs {
         let r = if stream { &streamed } else { &resident };

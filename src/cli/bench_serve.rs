@@ -42,8 +42,9 @@ pub struct BenchServeArgs {
     #[arg(long, default_value_t = 120.0)]
     pub max_seconds: f64,
     /// Times each small request of the levels is timed alone (after one untimed warm-up run);
-    /// its median is its latency alone.
-    #[arg(long, default_value_t = 1)]
+    /// its median is its latency alone. With one run, a single slow run (the machine's noise)
+    /// sets a request's latency alone, and the p99 over them is near their maximum.
+    #[arg(long, default_value_t = 3)]
     pub alone_runs: usize,
     /// Modes to run: shared, sequential.
     #[arg(long, value_delimiter = ',', default_value = "shared,sequential")]

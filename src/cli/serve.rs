@@ -39,10 +39,11 @@ pub struct ServerArgs {
     /// Who gets each layer step first: the request with the least work done so far
     /// (least-attained), with the least work left (shortest-remaining), with the least work
     /// left counted as if nothing were pruned (shortest-unpruned-remaining), the layer the
-    /// most requests wait at (most-shared), a small request catching up with the leader
-    /// (shortest-remaining-aligned), or a comma-separated list of them that steps take in turn
-    /// (alternating = shortest-remaining,least-attained).
-    #[arg(long, default_value = "shortest-unpruned-remaining")]
+    /// most requests wait at (most-shared), a cheap request catching up with the leader
+    /// (shortest-remaining-aligned), a request of the leader's size catching up with it under
+    /// shortest-unpruned-remaining (shortest-unpruned-aligned), or a comma-separated list of
+    /// them that steps take in turn (alternating = shortest-remaining,least-attained).
+    #[arg(long, default_value = "shortest-unpruned-aligned")]
     pub queue_order: QueueOrder,
     /// Steps a request with work may be passed over before it goes first whatever the queue
     /// order (the starvation guard).

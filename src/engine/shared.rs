@@ -21,7 +21,9 @@
 //! times the layers ahead), ties by arrival. A step costs about one layer read however few
 //! tokens ride in it, so a pruned large request still has all its steps ahead; ranked on its
 //! pruned tokens it would hold up a small newcomer for all of them. The step's
-//! layer is the layer of the first request in that order, and the requests at that layer then
+//! layer is the layer of the first request in that order, except that a request of about its
+//! size a few layers behind it catches up first (`shortest-unpruned-aligned`): the two then
+//! share every later layer read instead of taking turns. The requests at that layer then
 //! take their next chunks round robin in that order, one chunk each per round, until the budget
 //! is spent (the order is strict: when the next chunk does not fit, the step is full and no
 //! later request leapfrogs it with a smaller chunk). A small request therefore advances at
@@ -78,8 +80,14 @@ use std::time::{Duration, Instant};
 /// concurrency 4, see docs/serve.md.
 pub const DEFAULT_STEP_TOKENS: usize = 4096;
 
-/// Steps a request may be passed over before it goes first regardless of attained service.
-pub const DEFAULT_STARVE_AFTER_STEPS: u32 = 32;
+/// Steps a request may be passed over before it goes first regardless of the queue order.
+/// Long enough for a few small requests to run all their layers (28 for Qwen3-0.6B) between
+/// two guarded steps of a large one: each guarded step is a whole large layer that every
+/// small request at another layer waits for. Measured on an H200 with streamed weights
+/// (docs/serve.md): at 32, 6-7 such steps (about 40 ms) were in the slowest small requests'
+/// latency; 64-128 cut the small p99 under load by about 15% and cost large requests'
+/// latency (the p99 of all requests 0.8-0.9 s at 32, 1.1-1.3 s at 96).
+pub const DEFAULT_STARVE_AFTER_STEPS: u32 = 96;
 
 /// Built layers kept between steps.
 pub const DEFAULT_CACHED_LAYERS: usize = 2;
@@ -124,6 +132,13 @@ pub enum Rank {
     /// large request with many layers ahead goes before a small newcomer and holds it up for
     /// all of them.
     ShortestUnprunedRemaining,
+    /// [`Rank::ShortestUnprunedRemaining`], except that a request of about the first one's
+    /// size (admitted tokens at most [`ALIGN_SIZE_RATIO`] times its) at most
+    /// [`CATCH_UP_LAYERS`] behind it, whose layer fits in the step, goes first and catches up;
+    /// the two then share every later read. Only requests of about the leader's size: a
+    /// larger one catching up would make the leader wait for its heavier steps and then ride
+    /// in every one of them.
+    ShortestUnprunedAligned,
 }
 
 /// How far behind the request with the least work left a request may be and still catch up
@@ -134,6 +149,10 @@ pub const CATCH_UP_LAYERS: usize = 4;
 /// alignment costs the leader.
 pub const MAX_DEFERRALS: u32 = 2 * CATCH_UP_LAYERS as u32;
 
+/// Under [`Rank::ShortestUnprunedAligned`], a request catches up with the first one only if
+/// its admitted tokens are at most this many times the first one's.
+pub const ALIGN_SIZE_RATIO: f64 = 1.5;
+
 impl Rank {
     fn name(self) -> &'static str {
         match self {
@@ -142,6 +161,17 @@ impl Rank {
             Rank::MostShared => "most-shared",
             Rank::ShortestRemainingAligned => "shortest-remaining-aligned",
             Rank::ShortestUnprunedRemaining => "shortest-unpruned-remaining",
+            Rank::ShortestUnprunedAligned => "shortest-unpruned-aligned",
+        }
+    }
+
+    /// Under an aligned rank, the largest admitted size (in tokens) of a request that may
+    /// catch up with a first request of `leader_tokens`; `None` for other ranks.
+    fn catch_up_limit(self, leader_tokens: u64) -> Option<u64> {
+        match self {
+            Rank::ShortestRemainingAligned => Some(u64::MAX),
+            Rank::ShortestUnprunedAligned => Some((leader_tokens as f64 * ALIGN_SIZE_RATIO) as u64),
+            _ => None,
         }
     }
 }
@@ -175,9 +205,9 @@ impl QueueOrder {
         }
     }
 
-    pub fn shortest_unpruned_remaining() -> QueueOrder {
+    pub fn shortest_unpruned_aligned() -> QueueOrder {
         QueueOrder {
-            ranks: vec![Rank::ShortestUnprunedRemaining],
+            ranks: vec![Rank::ShortestUnprunedAligned],
         }
     }
 
@@ -195,13 +225,14 @@ impl QueueOrder {
     }
 }
 
-/// Shortest remaining work counted as if nothing were pruned: measured side by side with
-/// plain shortest-remaining on an H200 with streamed weights (docs/serve.md), 8-12% more
-/// throughput, a median small-request slowdown of about 3x instead of 5x, and a small-request
-/// p99 at a median 3.14x its p99 alone instead of 3.37x.
+/// Shortest remaining work counted as if nothing were pruned, with requests of the leader's
+/// size catching up with it: measured side by side with the same order without catching up
+/// on an H200 with streamed weights (docs/serve.md), 16% more throughput at concurrency 16 and
+/// a small-request p99 at a median 2.9x its p99 alone instead of 3.2x (with the default
+/// starvation guard, 2.6x).
 impl Default for QueueOrder {
     fn default() -> Self {
-        QueueOrder::shortest_unpruned_remaining()
+        QueueOrder::shortest_unpruned_aligned()
     }
 }
 
@@ -215,7 +246,7 @@ impl std::fmt::Display for QueueOrder {
 impl std::str::FromStr for QueueOrder {
     type Err = GratingError;
     /// A comma-separated list of `least-attained`, `shortest-remaining`, `most-shared`,
-    /// `shortest-remaining-aligned`, `shortest-unpruned-remaining`;
+    /// `shortest-remaining-aligned`, `shortest-unpruned-remaining`, `shortest-unpruned-aligned`;
     /// `alternating` stands for `shortest-remaining,least-attained`.
     fn from_str(s: &str) -> Result<QueueOrder> {
         let mut ranks = Vec::new();
@@ -226,12 +257,14 @@ impl std::str::FromStr for QueueOrder {
                 "most-shared" => ranks.push(Rank::MostShared),
                 "shortest-remaining-aligned" => ranks.push(Rank::ShortestRemainingAligned),
                 "shortest-unpruned-remaining" => ranks.push(Rank::ShortestUnprunedRemaining),
+                "shortest-unpruned-aligned" => ranks.push(Rank::ShortestUnprunedAligned),
                 "alternating" => ranks.extend(QueueOrder::alternating().ranks),
                 other => {
                     return Err(GratingError::InvalidInput(format!(
                         "unknown queue order {other:?} (least-attained, shortest-remaining, \
-                         shortest-remaining-aligned, shortest-unpruned-remaining, most-shared, \
-                         alternating, or a comma-separated list of them)"
+                         shortest-remaining-aligned, shortest-unpruned-remaining, \
+                         shortest-unpruned-aligned, most-shared, alternating, or a \
+                         comma-separated list of them)"
                     )))
                 }
             }
@@ -529,7 +562,9 @@ pub fn plan_step(
             Rank::ShortestRemaining | Rank::ShortestRemainingAligned => (c.remaining, 0),
             Rank::LeastAttained => (c.attained, 0),
             Rank::MostShared => (u64::MAX - waiting_at[c.layer], c.remaining),
-            Rank::ShortestUnprunedRemaining => (c.unpruned_remaining(), 0),
+            Rank::ShortestUnprunedRemaining | Rank::ShortestUnprunedAligned => {
+                (c.unpruned_remaining(), 0)
+            }
         };
         (c.idle_steps < starve_after, first, second, c.seq)
     });
@@ -537,9 +572,9 @@ pub fn plan_step(
     let head = &cands[head_index];
     let mut layer = head.layer;
     let mut deferred = None;
-    if rank == Rank::ShortestRemainingAligned
-        && head.idle_steps < starve_after
-        && head.deferrals < MAX_DEFERRALS
+    let catch_up_limit = rank.catch_up_limit(head.admitted_tokens);
+    if let Some(limit) =
+        catch_up_limit.filter(|_| head.idle_steps < starve_after && head.deferrals < MAX_DEFERRALS)
     {
         // The furthest behind of the cheap requests within reach catches up first (it picks
         // up the others on its way).
@@ -547,6 +582,7 @@ pub fn plan_step(
             .iter()
             .map(|&i| &cands[i])
             .filter(|c| c.layer < layer && layer - c.layer <= CATCH_UP_LAYERS)
+            .filter(|c| c.admitted_tokens <= limit)
             .filter(|c| c.chunk_tokens.iter().sum::<usize>() <= budget)
             .map(|c| c.layer)
             .min();
@@ -1723,6 +1759,66 @@ mod tests {
         let c = vec![patient, left(1, 8, 5000, &[500])];
         let p = plan_step(&c, 8192, 64, ALIGNED).unwrap();
         assert_eq!((p.layer, p.deferred), (10, None));
+    }
+
+    #[test]
+    fn unpruned_aligned_lets_only_a_request_of_the_leaders_size_catch_up() {
+        const ALIGNED: Rank = Rank::ShortestUnprunedAligned;
+        // The leader: a small request (3000 tokens) at layer 12. Behind it: a small newcomer
+        // (4000 tokens, within 1.5x) 3 layers back, and a pruned large one (admitted 40000,
+        // 2000 live) 2 layers back whose layer would fit in the step.
+        let leader = left(0, 12, 3_000 * 16, &[3_000]);
+        let newcomer = left(1, 9, 4_000 * 19, &[4_000]);
+        let large = StepCandidate {
+            admitted_tokens: 40_000,
+            ..left(2, 10, 2_000 * 18, &[2_000])
+        };
+        let c = vec![leader.clone(), newcomer.clone(), large.clone()];
+        let p = plan_step(&c, 32_768, 64, ALIGNED).unwrap();
+        assert_eq!(
+            (p.layer, p.work.clone(), p.deferred),
+            (9, vec![(1, 1)], Some(0))
+        );
+        // The old aligned rank lets the large one catch up as well (it is furthest behind
+        // only if it is the one further back).
+        let far_large = StepCandidate {
+            layer: 8,
+            ..large.clone()
+        };
+        let c2 = vec![leader.clone(), newcomer.clone(), far_large.clone()];
+        assert_eq!(
+            plan_step(&c2, 32_768, 64, Rank::ShortestRemainingAligned)
+                .unwrap()
+                .layer,
+            8
+        );
+        assert_eq!(plan_step(&c2, 32_768, 64, ALIGNED).unwrap().layer, 9);
+        // Without a request of its size behind it the leader goes first.
+        let c = vec![leader.clone(), large];
+        let p = plan_step(&c, 32_768, 64, ALIGNED).unwrap();
+        assert_eq!((p.layer, p.deferred), (12, None));
+        // Too far behind (more than CATCH_UP_LAYERS), or the leader has waited enough.
+        let far = left(1, 12 - CATCH_UP_LAYERS - 1, 3_000 * 28, &[3_000]);
+        assert_eq!(
+            plan_step(&[leader.clone(), far], 32_768, 64, ALIGNED)
+                .unwrap()
+                .layer,
+            12
+        );
+        let patient = StepCandidate {
+            deferrals: MAX_DEFERRALS,
+            ..leader
+        };
+        assert_eq!(
+            plan_step(&[patient, newcomer], 32_768, 64, ALIGNED)
+                .unwrap()
+                .layer,
+            12
+        );
+        assert_eq!(
+            "shortest-unpruned-aligned".parse::<QueueOrder>().unwrap(),
+            QueueOrder::new(vec![ALIGNED]).unwrap()
+        );
     }
 
     #[test]

@@ -164,7 +164,8 @@ pub struct Info {
     pub pruning: String,
     pub layer_sharing: bool,
     /// Queue order of layer steps: `least-attained`, `shortest-remaining`,
-    /// `shortest-unpruned-remaining`, `shortest-remaining-aligned`, `most-shared`, or a
+    /// `shortest-unpruned-remaining`, `shortest-remaining-aligned`, `shortest-unpruned-aligned`,
+    /// `most-shared`, or a
     /// comma-separated list that steps take in turn.
     #[schema(value_type = String)]
     pub queue_order: crate::engine::shared::QueueOrder,
