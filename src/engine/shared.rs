@@ -83,10 +83,11 @@ pub const DEFAULT_STEP_TOKENS: usize = 4096;
 /// Steps a request may be passed over before it goes first regardless of the queue order.
 /// Long enough for a few small requests to run all their layers (28 for Qwen3-0.6B) between
 /// two guarded steps of a large one: each guarded step is a whole large layer that every
-/// small request at another layer waits for. Measured on an H200 with streamed weights
+/// small request at another layer waits for. Measured on H200s with streamed weights
 /// (docs/serve.md): at 32, 6-7 such steps (about 40 ms) were in the slowest small requests'
-/// latency; 64-128 cut the small p99 under load by about 15% and cost large requests'
-/// latency (the p99 of all requests 0.8-0.9 s at 32, 1.1-1.3 s at 96).
+/// latency; with the default order, the small p99 under load was at a median 2.87x its p99
+/// alone at 32 and 2.67x at 96, and the p99 of all requests (the large ones) 0.84-1.03 s at
+/// 32 and 1.12-1.38 s at 96.
 pub const DEFAULT_STARVE_AFTER_STEPS: u32 = 96;
 
 /// Built layers kept between steps.
@@ -227,9 +228,9 @@ impl QueueOrder {
 
 /// Shortest remaining work counted as if nothing were pruned, with requests of the leader's
 /// size catching up with it: measured side by side with the same order without catching up
-/// on an H200 with streamed weights (docs/serve.md), 16% more throughput at concurrency 16 and
-/// a small-request p99 at a median 2.9x its p99 alone instead of 3.2x (with the default
-/// starvation guard, 2.6x).
+/// on H200s with streamed weights (docs/serve.md), 16-21% more throughput at concurrency 16
+/// and a small-request p99 at a median 2.9x its p99 alone instead of 3.2x (2.7x with the
+/// default starvation guard).
 impl Default for QueueOrder {
     fn default() -> Self {
         QueueOrder::shortest_unpruned_aligned()
@@ -534,7 +535,8 @@ impl StepPlan {
 
 /// The fairness policy (see the module docs): the order of `rank` with a starvation guard,
 /// the layer of the first request (or of a trailing one catching up, under
-/// [`Rank::ShortestRemainingAligned`]), then chunks of the requests at that layer, round robin
+/// [`Rank::ShortestRemainingAligned`] and [`Rank::ShortestUnprunedAligned`]), then chunks of
+/// the requests at that layer, round robin
 /// in that order (one chunk each per round), within `budget` (at least one chunk).
 pub fn plan_step(
     cands: &[StepCandidate],
