@@ -574,9 +574,10 @@ pub fn plan_step(
     let head = &cands[head_index];
     let mut layer = head.layer;
     let mut deferred = None;
-    let catch_up_limit = rank.catch_up_limit(head.admitted_tokens);
-    if let Some(limit) =
-        catch_up_limit.filter(|_| head.idle_steps < starve_after && head.deferrals < MAX_DEFERRALS)
+    let may_wait = head.idle_steps < starve_after && head.deferrals < MAX_DEFERRALS;
+    if let Some(limit) = rank
+        .catch_up_limit(head.admitted_tokens)
+        .filter(|_| may_wait)
     {
         // The furthest behind of the cheap requests within reach catches up first (it picks
         // up the others on its way).
@@ -1579,6 +1580,13 @@ mod tests {
         }
     }
 
+    /// The layer of the step `plan_step` plans (there is work).
+    fn step_layer(c: &[StepCandidate], budget: usize, starve_after: u32, rank: Rank) -> usize {
+        plan_step(c, budget, starve_after, rank)
+            .expect("a step is planned")
+            .layer
+    }
+
     const LAS: Rank = Rank::LeastAttained;
     const SRPT: Rank = Rank::ShortestRemaining;
 
@@ -1690,8 +1698,8 @@ mod tests {
             ..left(0, 9, 20 * 6000, &[6000])
         };
         let c = vec![small, left(1, 0, 28 * 90_000, &[8192; 11])];
-        assert_eq!(plan_step(&c, 32_768, 64, order.rank(0)).unwrap().layer, 9);
-        assert_eq!(plan_step(&c, 32_768, 64, order.rank(1)).unwrap().layer, 0);
+        assert_eq!(step_layer(&c, 32_768, 64, order.rank(0)), 9);
+        assert_eq!(step_layer(&c, 32_768, 64, order.rank(1)), 0);
     }
 
     #[test]
@@ -1709,14 +1717,14 @@ mod tests {
         assert_eq!(p.work, vec![(2, 1), (1, 1), (3, 1)]);
         // A tie in requests goes to the layer holding the least work left.
         let c = vec![left(0, 9, 10, &[100]), left(1, 4, 500, &[100])];
-        assert_eq!(plan_step(&c, 8192, 64, Rank::MostShared).unwrap().layer, 9);
+        assert_eq!(step_layer(&c, 8192, 64, Rank::MostShared), 9);
         // Requests with nothing to run at their layer are not counted.
         let c = vec![
             left(0, 9, 10, &[100]),
             left(1, 4, 500, &[100]),
             left(2, 4, 400, &[]),
         ];
-        assert_eq!(plan_step(&c, 8192, 64, Rank::MostShared).unwrap().layer, 9);
+        assert_eq!(step_layer(&c, 8192, 64, Rank::MostShared), 9);
     }
 
     #[test]
@@ -1735,15 +1743,15 @@ mod tests {
         assert_eq!(p.layer, 7);
         assert_eq!(p.work, vec![(2, 1)]);
         // Plain shortest-remaining serves the head.
-        assert_eq!(plan_step(&c, 8192, 64, SRPT).unwrap().layer, 10);
+        assert_eq!(step_layer(&c, 8192, 64, SRPT), 10);
         // Nobody within reach: the head's layer.
         let c = vec![left(0, 10, 1000, &[500]), left(3, 1, 5000, &[500])];
-        assert_eq!(plan_step(&c, 8192, 64, ALIGNED).unwrap().layer, 10);
+        assert_eq!(step_layer(&c, 8192, 64, ALIGNED), 10);
         // A starved request still goes first.
         let mut starved = left(0, 20, 1_000_000, &[500]);
         starved.idle_steps = 64;
         let c = vec![starved, left(1, 18, 10, &[500])];
-        assert_eq!(plan_step(&c, 8192, 64, ALIGNED).unwrap().layer, 20);
+        assert_eq!(step_layer(&c, 8192, 64, ALIGNED), 20);
         assert_eq!(
             "shortest-remaining-aligned"
                 .parse::<QueueOrder>()
@@ -1789,34 +1797,22 @@ mod tests {
         };
         let c2 = vec![leader.clone(), newcomer.clone(), far_large.clone()];
         assert_eq!(
-            plan_step(&c2, 32_768, 64, Rank::ShortestRemainingAligned)
-                .unwrap()
-                .layer,
+            step_layer(&c2, 32_768, 64, Rank::ShortestRemainingAligned),
             8
         );
-        assert_eq!(plan_step(&c2, 32_768, 64, ALIGNED).unwrap().layer, 9);
+        assert_eq!(step_layer(&c2, 32_768, 64, ALIGNED), 9);
         // Without a request of its size behind it the leader goes first.
         let c = vec![leader.clone(), large];
         let p = plan_step(&c, 32_768, 64, ALIGNED).unwrap();
         assert_eq!((p.layer, p.deferred), (12, None));
         // Too far behind (more than CATCH_UP_LAYERS), or the leader has waited enough.
         let far = left(1, 12 - CATCH_UP_LAYERS - 1, 3_000 * 28, &[3_000]);
-        assert_eq!(
-            plan_step(&[leader.clone(), far], 32_768, 64, ALIGNED)
-                .unwrap()
-                .layer,
-            12
-        );
+        assert_eq!(step_layer(&[leader.clone(), far], 32_768, 64, ALIGNED), 12);
         let patient = StepCandidate {
             deferrals: MAX_DEFERRALS,
             ..leader
         };
-        assert_eq!(
-            plan_step(&[patient, newcomer], 32_768, 64, ALIGNED)
-                .unwrap()
-                .layer,
-            12
-        );
+        assert_eq!(step_layer(&[patient, newcomer], 32_768, 64, ALIGNED), 12);
         assert_eq!(
             "shortest-unpruned-aligned".parse::<QueueOrder>().unwrap(),
             QueueOrder::new(vec![ALIGNED]).unwrap()
@@ -1882,7 +1878,7 @@ mod tests {
         let mut starved = left(0, 7, 1_000_000, &[4000]);
         starved.idle_steps = 64;
         let c = vec![starved, left(1, 0, 10, &[10])];
-        assert_eq!(plan_step(&c, 8192, 64, SRPT).unwrap().layer, 7);
+        assert_eq!(step_layer(&c, 8192, 64, SRPT), 7);
     }
 
     #[test]
@@ -1899,7 +1895,7 @@ mod tests {
         assert_eq!(small.unpruned_remaining(), 3_000 * 28);
         let cands = [pruned.clone(), small.clone()];
         // Its pruned tokens put the large request first under plain shortest-remaining...
-        assert_eq!(plan_step(&cands, 4096, 32, SRPT).unwrap().layer, 17);
+        assert_eq!(step_layer(&cands, 4096, 32, SRPT), 17);
         // ...but its admitted tokens put the small one first.
         let plan = plan_step(&cands, 4096, 32, UNPRUNED).unwrap();
         assert_eq!((plan.layer, plan.work.clone()), (0, vec![(1, 1)]));
@@ -1915,17 +1911,12 @@ mod tests {
         // and the starvation guard still overrides it.
         let ahead = left(4, 20, 3_000 * 8, &[3_000]);
         let cands = [small.clone(), ahead.clone()];
-        assert_eq!(plan_step(&cands, 4096, 32, UNPRUNED).unwrap().layer, 20);
+        assert_eq!(step_layer(&cands, 4096, 32, UNPRUNED), 20);
         let starved = StepCandidate {
             idle_steps: 32,
             ..small
         };
-        assert_eq!(
-            plan_step(&[starved, ahead], 4096, 32, UNPRUNED)
-                .unwrap()
-                .layer,
-            0
-        );
+        assert_eq!(step_layer(&[starved, ahead], 4096, 32, UNPRUNED), 0);
         assert_eq!(
             "shortest-unpruned-remaining".parse::<QueueOrder>().unwrap(),
             QueueOrder::new(vec![UNPRUNED]).unwrap()
