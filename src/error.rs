@@ -46,6 +46,11 @@ pub enum GratingError {
     #[error("request cancelled: {0}")]
     Cancelled(String),
 
+    /// The model produced NaN or infinity for a candidate: a fault of the weights or the
+    /// engine, never of the caller's text.
+    #[error("document {document} produced a non-finite score (the model's weights or the engine are at fault)")]
+    NonFiniteScore { document: usize },
+
     /// A bug inside the engine (a caught panic, a stopped scheduler); never the caller's fault.
     #[error("internal error: {0}")]
     Internal(String),
@@ -68,6 +73,29 @@ impl GratingError {
                 | GratingError::MemoryBudget(_)
                 | GratingError::Tokenizer(_)
         )
+    }
+
+    /// A stable, machine-readable name of the kind of failure, the same in every front end
+    /// (the server's `error_type`, the Python exception's `kind`).
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            GratingError::InvalidInput(_) => "invalid_request",
+            GratingError::LimitExceeded(_) => "limit_exceeded",
+            GratingError::MemoryBudget(_) => "memory_budget",
+            GratingError::Tokenizer(_) => "tokenizer",
+            GratingError::Cancelled(_) => "cancelled",
+            GratingError::NonFiniteScore { .. } => "non_finite_score",
+            GratingError::ModelFiles { .. }
+            | GratingError::Config(_)
+            | GratingError::UnsupportedArchitecture { .. }
+            | GratingError::MissingTensor { .. }
+            | GratingError::ShapeMismatch { .. }
+            | GratingError::UnsupportedDtype { .. }
+            | GratingError::WeightFile { .. } => "model_files",
+            GratingError::Backend(_) => "backend",
+            GratingError::Io(_) => "io",
+            GratingError::Internal(_) => "internal",
+        }
     }
 }
 
