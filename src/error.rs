@@ -75,6 +75,52 @@ impl GratingError {
         )
     }
 
+    /// The same error again, for answering several requests that one fault stopped (the
+    /// backend's and the OS's errors are not `Clone`; their copies keep kind and message).
+    pub fn replicate(&self) -> GratingError {
+        use GratingError as E;
+        match self {
+            E::InvalidInput(m) => E::InvalidInput(m.clone()),
+            E::LimitExceeded(m) => E::LimitExceeded(m.clone()),
+            E::ModelFiles { path, reason } => E::ModelFiles {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            E::Config(m) => E::Config(m.clone()),
+            E::UnsupportedArchitecture { found, supported } => E::UnsupportedArchitecture {
+                found: found.clone(),
+                supported: supported.clone(),
+            },
+            E::MissingTensor { name } => E::MissingTensor { name: name.clone() },
+            E::ShapeMismatch {
+                name,
+                expected,
+                found,
+            } => E::ShapeMismatch {
+                name: name.clone(),
+                expected: expected.clone(),
+                found: found.clone(),
+            },
+            E::UnsupportedDtype { name, dtype } => E::UnsupportedDtype {
+                name: name.clone(),
+                dtype: dtype.clone(),
+            },
+            E::WeightFile { path, reason } => E::WeightFile {
+                path: path.clone(),
+                reason: reason.clone(),
+            },
+            E::Tokenizer(m) => E::Tokenizer(m.clone()),
+            E::MemoryBudget(m) => E::MemoryBudget(m.clone()),
+            E::Cancelled(m) => E::Cancelled(m.clone()),
+            E::NonFiniteScore { document } => E::NonFiniteScore {
+                document: *document,
+            },
+            E::Internal(m) => E::Internal(m.clone()),
+            E::Backend(e) => E::Backend(candle_core::Error::Msg(e.to_string())),
+            E::Io(e) => E::Io(std::io::Error::new(e.kind(), e.to_string())),
+        }
+    }
+
     /// A stable, machine-readable name of the kind of failure, the same in every front end
     /// (the server's `error_type`, the Python exception's `kind`).
     pub fn error_type(&self) -> &'static str {

@@ -1,13 +1,21 @@
 //! grating: fast, memory-bounded semantic top-K selection with cross-encoder rerankers.
 //!
+//! Start at [`Reranker::builder`]: load a model once, then [`Reranker::rerank`] a query's
+//! documents; many concurrent callers share layer passes through a [`SharedReranker`].
+//!
 //! The layout follows the path of a request:
-//! - [`tokenize`]: (query, document) pairs or the Qwen3-Reranker prompt -> token ids.
-//! - [`models`]: one file per architecture behind a layer-wise API (embed, layer, head).
-//! - [`ops`]: the tensor operations those files are written in, with fast CPU kernels.
-//! - [`weights`]: locating, indexing and reading safetensors weights.
-//! - [`engine`]: full inference (the baseline) and GRATING's monolithic forwarding.
-//! - [`prune`]: dispersion, optimal 1-D clustering and the accept/drop rule.
-//! - [`eval`]: BM25 candidates, TREC DL metrics and the evaluation harness.
+//! - [`reranker`]: the front door (builder, options, the shared reranker);
+//! - [`tokenize`]: (query, document) pairs or a decoder's prompt -> token ids;
+//! - [`engine`]: a request's state machine, the single-request loop, the shared scheduler,
+//!   full inference (the baseline) and the layer provider that owns residency;
+//! - [`prune`]: dispersion, optimal 1-D clustering and the accept/drop rule;
+//! - [`models`]: one file per architecture behind a layer-wise API (embed, layer, head);
+//! - [`weights`]: locating, indexing and reading safetensors weights (the weight store);
+//! - [`ops`]: the tensor operations the model files are written in;
+//! - [`eval`]: BM25 candidates, TREC DL metrics; [`synth`]: random-weight models for tests;
+//! - `server` (feature `server`): the HTTP front end, which only translates.
+
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod engine;
 pub mod error;
@@ -16,11 +24,23 @@ pub mod memory;
 pub mod models;
 pub mod ops;
 pub mod prune;
+pub mod reranker;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod synth;
 pub mod tokenize;
 pub mod weights;
 
-pub use engine::{EngineOptions, Mode, RerankOutput, RerankRequest, Reranker, Scored};
+/// No sequence may exceed this many tokens, whatever the model or flags say: it bounds the
+/// rotary tables and the attention scratch.
+pub const HARD_MAX_TOKENS: usize = 32 * 1024;
+
+pub use engine::scheduler::{QueueOrder, RankedPolicy, StepPolicy};
+pub use engine::{sigmoid, Mode, Progress, RequestStats, RerankOutput, Scored, WeightsMode};
 pub use error::{GratingError, Result};
+pub use prune::{PruneConfig, PruneMode};
+pub use reranker::{
+    EngineOptions, Execution, Pending, RerankOptions, Reranker, RerankerBuilder, SharedOptions,
+    SharedReranker,
+};
+pub use tokenize::Truncation;

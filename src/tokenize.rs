@@ -3,13 +3,20 @@
 //! request, documents in parallel; documents are truncated before queries are.
 
 use crate::error::{GratingError, Result};
-use crate::models::Architecture;
 use std::path::Path;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection};
 
-/// No sequence may exceed this many tokens, whatever the model or flags say: it bounds the
-/// rotary tables and the attention scratch.
-pub const HARD_MAX_TOKENS: usize = 32 * 1024;
+pub use crate::HARD_MAX_TOKENS;
+
+/// How a (query, document) pair becomes one sequence. Chosen by the caller from the model's
+/// architecture, so tokenization knows nothing of model files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptTemplate {
+    /// The tokenizer's own pair template (`[CLS] q [SEP] d [SEP]` and the like): encoders.
+    Pair,
+    /// The published Qwen3-Reranker chat prompt.
+    Qwen3Reranker,
+}
 
 /// Documents longer than this many bytes are cut before tokenization: a 512-token model never
 /// reads that far, and tokenizing megabytes of text only to drop it wastes seconds.
@@ -79,7 +86,7 @@ fn tok_err(e: impl std::fmt::Display) -> GratingError {
 }
 
 impl PairEncoder {
-    pub fn from_file(path: &Path, arch: Architecture) -> Result<PairEncoder> {
+    pub fn from_file(path: &Path, template: PromptTemplate) -> Result<PairEncoder> {
         let mut tokenizer = Tokenizer::from_file(path)
             .map_err(|e| GratingError::Tokenizer(format!("{}: {e}", path.display())))?;
         // Sequences are packed without padding, and truncation is ours to control.
@@ -89,8 +96,8 @@ impl PairEncoder {
             (Some(y), Some(n)) => Some((y, n)),
             _ => None,
         };
-        let format = match arch {
-            Architecture::Qwen3 => {
+        let format = match template {
+            PromptTemplate::Qwen3Reranker => {
                 let enc = |s: &str| -> Result<Vec<u32>> {
                     Ok(tokenizer
                         .encode(s, false)
@@ -103,7 +110,7 @@ impl PairEncoder {
                     suffix: enc(QWEN3_ASSISTANT_SUFFIX)?,
                 }
             }
-            Architecture::Bert | Architecture::XlmRoberta => Format::Pair,
+            PromptTemplate::Pair => Format::Pair,
         };
         Ok(PairEncoder {
             tokenizer,

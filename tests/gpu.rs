@@ -16,14 +16,15 @@ mod modes;
 mod parity;
 
 use candle_core::{DType, Device, Tensor};
-use grating::engine::{EngineOptions, Mode, RerankRequest, Reranker, WeightsMode};
+use common::Req;
 use grating::prune::{PruneConfig, PruneMode};
+use grating::{EngineOptions, Mode, Reranker, WeightsMode};
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA GPU")
 }
 
-fn request(n: usize) -> RerankRequest {
+fn request(n: usize) -> Req {
     let words = [
         "river", "bank", "loan", "water", "flow", "credit", "interest", "fish", "boat", "rate",
         "deposit", "stream", "current", "account", "mortgage", "bridge",
@@ -37,11 +38,11 @@ fn request(n: usize) -> RerankRequest {
                 .join(" ")
         })
         .collect();
-    RerankRequest::new("what rate does the bank pay on a deposit", docs)
+    Req::new("what rate does the bank pay on a deposit", docs)
 }
 
 /// Logits in document order.
-fn scores(r: &Reranker, req: &RerankRequest) -> Vec<f32> {
+fn scores(r: &Reranker, req: &Req) -> Vec<f32> {
     let mut v = vec![f32::NAN; req.documents.len()];
     for (i, logit) in common::ranked(r, req) {
         v[i] = logit;
@@ -82,7 +83,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn gpu_scores_match_cpu_in_every_dtype() {
     let mut req = request(24);
-    req.mode = Mode::Full;
+    req.opts.mode = Mode::Full;
     for model in models() {
         let cpu = scores(
             &load(&model, Device::Cpu, DType::F32, WeightsMode::Resident),
@@ -119,11 +120,11 @@ fn streamed_layers_on_gpu_equal_resident_layers() {
         let streamed = load(&model, gpu(), DType::BF16, WeightsMode::Stream);
         for mode in [Mode::Full, Mode::Grating] {
             let mut req = request(30);
-            req.mode = mode;
-            req.prune = PruneConfig {
+            req.opts.mode = mode;
+            req.opts.prune = Some(PruneConfig {
                 mode: PruneMode::Off,
                 ..Default::default()
-            };
+            });
             let a = scores(&resident, &req);
             let b = scores(&streamed, &req);
             assert!(
@@ -134,7 +135,7 @@ fn streamed_layers_on_gpu_equal_resident_layers() {
             // Twice through the same stream object: the staging buffers are reused.
             assert!(max_diff(&b, &scores(&streamed, &req)) < 1e-6);
         }
-        let out = streamed.rerank(&request(8), None).unwrap();
+        let out = request(8).run(&streamed).unwrap();
         let mem = out.stats.gpu_memory.expect("GPU memory counters on CUDA");
         assert!(mem.peak_used > 0 && mem.device_used >= mem.peak_used);
     }
@@ -147,21 +148,21 @@ fn full_and_grating_agree_on_gpu() {
     for model in models() {
         let r = load(&model, gpu(), DType::F32, WeightsMode::Resident);
         let mut req = request(40);
-        req.mode = Mode::Full;
+        req.opts.mode = Mode::Full;
         let full = scores(&r, &req);
-        req.mode = Mode::Grating;
-        req.prune = PruneConfig {
+        req.opts.mode = Mode::Grating;
+        req.opts.prune = Some(PruneConfig {
             mode: PruneMode::Off,
             ..Default::default()
-        };
+        });
         let mono = scores(&r, &req);
         assert!(max_diff(&full, &mono) < 1e-3, "{}", model.display());
-        req.top_k = Some(5);
-        req.prune = PruneConfig {
+        req.opts.top_k = Some(5);
+        req.opts.prune = Some(PruneConfig {
             mode: PruneMode::ExactOrder,
             ..Default::default()
-        };
-        let out = r.rerank(&req, None).unwrap();
+        });
+        let out = req.run(&r).unwrap();
         let mut order: Vec<usize> = (0..full.len()).collect();
         order.sort_by(|&a, &b| full[b].total_cmp(&full[a]));
         let got: Vec<usize> = out.ranked.iter().map(|s| s.index).collect();
@@ -180,7 +181,7 @@ fn streaming_lowers_peak_gpu_memory() {
     for weights in [WeightsMode::Resident, WeightsMode::Stream] {
         let r = load(&model, gpu(), DType::BF16, weights);
         grating::memory::reset_gpu_peak(r.device());
-        let out = r.rerank(&request(20), None).unwrap();
+        let out = request(20).run(&r).unwrap();
         peaks.push(out.stats.gpu_memory.unwrap().peak_used);
     }
     eprintln!(

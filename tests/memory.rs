@@ -4,9 +4,10 @@
 
 mod common;
 
-use grating::engine::{EngineOptions, Mode, RerankRequest, Reranker, WeightsMode};
+use common::Req;
 use grating::prune::{PruneConfig, PruneMode};
 use grating::synth::{convert, DiskDtype};
+use grating::{EngineOptions, Mode, Reranker, WeightsMode};
 use std::path::{Path, PathBuf};
 
 fn opts(weights: WeightsMode) -> EngineOptions {
@@ -24,15 +25,15 @@ fn scores(
     offload: bool,
     chunk: usize,
 ) -> Vec<f32> {
-    let mut req = RerankRequest::new(query, docs.to_vec());
-    req.mode = mode;
+    let mut req = Req::new(query, docs.to_vec());
+    req.opts.mode = mode;
     req.offload = offload;
-    req.chunk_tokens = chunk;
-    req.prune = PruneConfig {
+    req.chunk_tokens = Some(chunk);
+    req.opts.prune = Some(PruneConfig {
         mode: PruneMode::Off,
         ..Default::default()
-    };
-    let out = r.rerank(&req, None).unwrap();
+    });
+    let out = req.run(&r).unwrap();
     let mut v = vec![f32::NAN; docs.len()];
     for s in out.ranked {
         v[s.index] = s.logit;
@@ -144,19 +145,19 @@ fn truncated_weights_fail_at_the_layer_in_streaming_mode() {
     match Reranker::load(out.to_str().unwrap(), &opts(WeightsMode::Stream)) {
         Err(e) => assert!(e.to_string().contains("truncated"), "{e}"),
         Ok(r) => {
-            let mut req = RerankRequest::new("q", docs());
-            req.prune = PruneConfig {
+            let mut req = Req::new("q", docs());
+            req.opts.prune = Some(PruneConfig {
                 mode: PruneMode::Off,
                 ..Default::default()
-            };
-            let e = r.rerank(&req, None).expect_err("request must fail");
+            });
+            let e = req.run(&r).expect_err("request must fail");
             let msg = e.to_string();
             assert!(
                 msg.contains("truncated") && msg.contains("encoder.layer."),
                 "{msg}"
             );
             // The engine is still usable for the error path again (no hang, no poisoned state).
-            assert!(r.rerank(&req, None).is_err());
+            assert!(req.run(&r).is_err());
         }
     }
 }
@@ -177,9 +178,9 @@ fn memory_budget_is_honoured_or_refused() {
     };
     let r = Reranker::load(dir.to_str().unwrap(), &rich).unwrap();
     assert_eq!(r.weights_mode(), WeightsMode::Resident);
-    let mut req = RerankRequest::new("memory", d.clone());
-    req.top_k = Some(5);
-    let out = r.rerank(&req, None).unwrap();
+    let mut req = Req::new("memory", d.clone());
+    req.opts.top_k = Some(5);
+    let out = req.run(&r).unwrap();
     assert!(out.stats.predicted_peak_mib > 0.0);
     assert_eq!(out.stats.offloaded_bytes, 0);
     // Impossible: refused with the minimum named.
@@ -194,7 +195,7 @@ fn memory_budget_is_honoured_or_refused() {
         WeightsMode::Stream,
         "a budget below the resident weights streams"
     );
-    let e = r.rerank(&req, None).expect_err("1 MiB cannot work");
+    let e = req.run(&r).expect_err("1 MiB cannot work");
     let msg = e.to_string();
     assert!(
         msg.contains("needs at least") && msg.contains("MiB"),

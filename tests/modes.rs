@@ -4,11 +4,12 @@
 
 mod common;
 
-use grating::engine::{Mode, RerankRequest, Reranker};
+use common::Req;
 use grating::eval::dl19::Dl19;
 use grating::prune::{PruneConfig, PruneMode};
+use grating::{Mode, Reranker};
 
-fn dl19_requests(n_queries: usize, n_docs: usize) -> Option<Vec<RerankRequest>> {
+fn dl19_requests(n_queries: usize, n_docs: usize) -> Option<Vec<Req>> {
     let shared = common::shared_dir()?;
     let data = Dl19::load(&shared.join("data/trec-dl19-subset")).unwrap();
     Some(
@@ -22,7 +23,7 @@ fn dl19_requests(n_queries: usize, n_docs: usize) -> Option<Vec<RerankRequest>> 
                     .into_iter()
                     .map(|d| data.doc_texts[d].clone())
                     .collect();
-                RerankRequest::new(q.clone(), docs)
+                Req::new(q.clone(), docs)
             })
             .collect(),
     )
@@ -35,18 +36,18 @@ fn load(name: &str) -> Option<Reranker> {
 
 fn run(
     r: &Reranker,
-    base: &RerankRequest,
+    base: &Req,
     mode: Mode,
     prune: PruneMode,
     k: Option<usize>,
 ) -> Vec<(usize, f32)> {
     let mut req = base.clone();
-    req.mode = mode;
-    req.top_k = k;
-    req.prune = PruneConfig {
+    req.opts.mode = mode;
+    req.opts.top_k = k;
+    req.opts.prune = Some(PruneConfig {
         mode: prune,
         ..Default::default()
-    };
+    });
     common::ranked(r, &req)
 }
 
@@ -96,11 +97,11 @@ fn scores_do_not_depend_on_batch_mates() {
     };
     let req = &reqs[0];
     let scores = |batch: usize, chunk: usize, docs: &[String]| -> Vec<f32> {
-        let mut q = RerankRequest::new(req.query.clone(), docs.to_vec());
-        q.mode = Mode::Full;
-        q.batch_size = batch;
-        q.chunk_tokens = chunk;
-        let out = r.rerank(&q, None).unwrap();
+        let mut q = Req::new(req.query.clone(), docs.to_vec());
+        q.opts.mode = Mode::Full;
+        q.batch_size = Some(batch);
+        q.chunk_tokens = Some(chunk);
+        let out = q.run(&r).unwrap();
         let mut v = vec![0f32; docs.len()];
         for s in out.ranked {
             v[s.index] = s.logit;
@@ -138,9 +139,9 @@ fn pruning_is_deterministic_and_saves_compute_on_the_layerwise_model() {
     let mut saved_any = false;
     for req in &reqs {
         let mut q = req.clone();
-        q.top_k = Some(10);
-        let a = r.rerank(&q, None).unwrap();
-        let b = r.rerank(&q, None).unwrap();
+        q.opts.top_k = Some(10);
+        let a = q.run(&r).unwrap();
+        let b = q.run(&r).unwrap();
         assert_eq!(a.ranked, b.ranked);
         assert_eq!(a.stats.prune_events, b.stats.prune_events);
         assert_eq!(a.stats.layers_per_candidate, b.stats.layers_per_candidate);
@@ -163,8 +164,8 @@ fn plain_model_early_layers_do_not_trigger_pruning() {
     };
     for req in &reqs {
         let mut q = req.clone();
-        q.top_k = Some(10);
-        let out = r.rerank(&q, None).unwrap();
+        q.opts.top_k = Some(10);
+        let out = q.run(&r).unwrap();
         for e in &out.stats.prune_events {
             assert!(
                 e.layer >= 5,

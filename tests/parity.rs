@@ -3,41 +3,13 @@
 
 mod common;
 
-use candle_core::Tensor;
-use common::{read_reference, ReferenceRow};
-use grating::engine::Reranker;
-use grating::models::PackedBatch;
-use grating::tokenize::{EncodeOptions, EncodedPair, Truncation};
+use common::read_reference;
+use grating::{RerankOptions, Reranker};
 use std::path::Path;
 
-fn encode_rows(r: &Reranker, rows: &[ReferenceRow]) -> Vec<EncodedPair> {
-    rows.iter()
-        .map(|row| {
-            let opts = EncodeOptions {
-                max_length: r.info().max_length,
-                truncation: Truncation::Right,
-                instruction: row.instruction.clone(),
-                truncate: true,
-            };
-            let mut e = r
-                .encoder()
-                .encode(&row.query, &[row.document.as_str()], &opts)
-                .unwrap();
-            let e = e.remove(0);
-            if let Some(ids) = &row.input_ids {
-                assert_eq!(
-                    &e.ids, ids,
-                    "token ids differ from HF's for {:?}",
-                    row.document
-                );
-            }
-            e
-        })
-        .collect()
-}
-
-/// Runs all rows as ONE packed batch through the layer API, scoring every layer, and checks
-/// each value against HF's per-pair (unbatched) reference.
+/// Scores every row after every layer through the public API (the engine's request state
+/// machine in recording mode: chunked, packed, layer-major) and checks each value against HF's
+/// per-pair (unbatched) reference, and the token ids where the reference has them.
 fn check_layerwise(model_dir: &Path) {
     let rows = read_reference(
         &model_dir.join(if model_dir.join("reference.jsonl").exists() {
@@ -47,41 +19,44 @@ fn check_layerwise(model_dir: &Path) {
         }),
     );
     let r = Reranker::load(model_dir.to_str().unwrap(), &common::engine_options()).unwrap();
-    let model = r.model();
-    let pairs = encode_rows(&r, &rows);
-    let batch = PackedBatch::new(
-        pairs
-            .iter()
-            .map(|p| (p.ids.as_slice(), p.type_ids.as_slice())),
-    );
-    let mut hidden: Tensor = model.embed(&batch).unwrap();
+    let num_layers = r.info().num_layers;
     let mut worst = 0f32;
-    for l in 0..model.num_layers() {
-        hidden = model.forward_layer(l, &hidden, &batch).unwrap();
-        let scores = model.score(&hidden, &batch).unwrap();
-        for (i, row) in rows.iter().enumerate() {
-            let d = (scores[i] - row.layer_logits[l]).abs();
+    for (i, row) in rows.iter().enumerate() {
+        let opts = RerankOptions {
+            instruction: row.instruction.clone(),
+            ..Default::default()
+        };
+        let docs = [row.document.as_str()];
+        if let Some(ids) = &row.input_ids {
+            let e = r.encode(&row.query, &docs, &opts).unwrap();
+            assert_eq!(
+                &e[0].ids, ids,
+                "token ids differ from HF's for {:?}",
+                row.document
+            );
+        }
+        let (layers, _) = r.layer_scores(&row.query, &docs, &opts).unwrap();
+        assert_eq!(layers.len(), num_layers);
+        for (l, scores) in layers.iter().enumerate() {
+            let d = (scores[0] - row.layer_logits[l]).abs();
             worst = worst.max(d);
             assert!(
                 d < common::logit_tolerance(row.layer_logits[l]),
                 "{}: layer {} row {i}: grating {} vs HF {} (diff {d})",
                 model_dir.display(),
                 l + 1,
-                scores[i],
+                scores[0],
                 row.layer_logits[l]
             );
         }
-    }
-    // The last layer's score is the model's logit.
-    let last = model.score(&hidden, &batch).unwrap();
-    for (i, row) in rows.iter().enumerate() {
-        assert!((last[i] - row.logit).abs() < common::logit_tolerance(row.logit));
+        // The last layer's score is the model's logit.
+        let last = layers[num_layers - 1][0];
+        assert!((last - row.logit).abs() < common::logit_tolerance(row.logit));
     }
     eprintln!(
-        "{}: {} rows x {} layers, worst |diff| {worst:e}",
+        "{}: {} rows x {num_layers} layers, worst |diff| {worst:e}",
         model_dir.display(),
         rows.len(),
-        model.num_layers()
     );
 }
 

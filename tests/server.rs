@@ -4,14 +4,13 @@
 
 mod common;
 
-use grating::engine::shared::{Job, LayerSource, QueueOrder, SharedEngine, SharedOptions};
-use grating::engine::{sigmoid, EngineOptions, Mode, RerankRequest, Reranker, WeightsMode};
+use common::Req;
 use grating::prune::PruneConfig;
 use grating::server::client::{get, post_json, request, HttpResponse};
 use grating::server::{RunningServer, ServerConfig};
+use grating::{sigmoid, EngineOptions, Mode, Reranker};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -79,10 +78,10 @@ fn assert_error(r: &HttpResponse, status: u16, error_type: &str) {
 
 fn alone(query: &str, docs: &[String], top_n: Option<usize>) -> Vec<(usize, f32)> {
     let r = reranker().unwrap();
-    let mut req = RerankRequest::new(query, docs.to_vec());
-    req.top_k = top_n;
-    req.mode = Mode::Grating;
-    req.prune = PruneConfig::default();
+    let mut req = Req::new(query, docs.to_vec());
+    req.opts.top_k = top_n;
+    req.opts.mode = Mode::Grating;
+    req.opts.prune = Some(PruneConfig::default());
     common::ranked(&r, &req)
 }
 
@@ -461,116 +460,6 @@ fn concurrent_requests_get_the_answers_they_get_alone() {
                 assert_eq!(s, sigmoid(*logit), "round {round} case {i}");
             }
         }
-    }
-}
-
-/// The model with streamed weights.
-fn streamed_reranker() -> Option<Arc<Reranker>> {
-    static R: OnceLock<Option<Arc<Reranker>>> = OnceLock::new();
-    R.get_or_init(|| {
-        let dir = common::shared_model(MODEL)?;
-        let opts = EngineOptions {
-            weights: WeightsMode::Stream,
-            ..Default::default()
-        };
-        Some(Arc::new(
-            Reranker::load(dir.to_str().unwrap(), &opts).expect("load model, streamed"),
-        ))
-    })
-    .clone()
-}
-
-/// The engine alone, with a tiny step budget and small chunks so requests interleave at chunk
-/// granularity across many steps and get repacked: answers must be bit-identical to lone runs,
-/// whatever the queue order, with resident or streamed layers (read ahead by prediction, kept
-/// built across steps or not).
-#[test]
-fn shared_engine_interleaving_is_exact() {
-    let (Some(resident), Some(streamed)) = (reranker(), streamed_reranker()) else {
-        return;
-    };
-    let all = passages(120);
-    let chunk_tokens = 600;
-    let configs = [
-        (QueueOrder::least_attained(), false, 2),
-        (QueueOrder::shortest_remaining(), false, 2),
-        ("most-shared".parse().unwrap(), false, 2),
-        ("shortest-remaining-aligned".parse().unwrap(), true, 2),
-        (QueueOrder::alternating(), true, 1),
-        ("shortest-remaining,most-shared".parse().unwrap(), true, 2),
-        ("shortest-unpruned-remaining".parse().unwrap(), true, 2),
-        ("shortest-unpruned-aligned".parse().unwrap(), true, 2),
-    ];
-    for (order, stream, cached_layers) in configs {
-        let r = if stream { &streamed } else { &resident };
-        let layer_source = match r.streaming() {
-            Some(s) if stream => LayerSource::Stream(s.clone()),
-            _ => LayerSource::Resident,
-        };
-        let engine = SharedEngine::start(
-            r.model().clone(),
-            SharedOptions {
-                step_tokens: 1500,
-                order: order.clone(),
-                layer_source,
-                cached_layers,
-                ..Default::default()
-            },
-        );
-        let cases: Vec<(&str, std::ops::Range<usize>, usize)> = vec![
-            ("what is the daily life of thai people", 0..60, 5),
-            ("causes of left ventricular hypertrophy", 60..70, 2),
-            ("how long is life cycle of flea", 70..120, 50),
-            ("what is physical description of spruce", 10..40, 1),
-        ];
-        let mut rxs = Vec::new();
-        let mut expected = Vec::new();
-        for (q, range, k) in &cases {
-            let mut req = RerankRequest::new(*q, all[range.clone()].to_vec());
-            req.top_k = Some(*k);
-            req.chunk_tokens = chunk_tokens;
-            expected.push(r.rerank(&req, None).unwrap());
-            let (tx, rx) = std::sync::mpsc::channel();
-            engine.submit(Job {
-                pairs: r.encode(&req).unwrap(),
-                k: *k,
-                chunk_tokens,
-                prune: req.prune.clone(),
-                cancel: Arc::new(AtomicBool::new(false)),
-                deadline: None,
-                tokenize_seconds: 0.0,
-                reply: Box::new(move |res| {
-                    let _ = tx.send(res);
-                }),
-            });
-            rxs.push(rx);
-        }
-        for (i, (rx, exp)) in rxs.into_iter().zip(&expected).enumerate() {
-            let got = rx.recv_timeout(Duration::from_secs(300)).unwrap().unwrap();
-            assert_eq!(got.ranked, exp.ranked, "{order:?} case {i}");
-            assert_eq!(
-                got.stats.layers_per_candidate, exp.stats.layers_per_candidate,
-                "{order:?} case {i}"
-            );
-        }
-        let c = engine.counters();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        let (steps, served) = (load(&c.steps), load(&c.request_steps));
-        let (loads, ahead) = (load(&c.layer_loads), load(&c.read_ahead_hits));
-        eprintln!(
-            "{order:?}, streamed {stream}, {cached_layers} cached: {steps} steps served \
-             {served} request-steps; {loads} layer loads, {ahead} read ahead"
-        );
-        assert!(
-            served > steps,
-            "{order:?}: no step was shared between requests"
-        );
-        // Steps at the layer of the previous step reuse it.
-        assert!(loads < steps, "{order:?}: every step loaded its layer");
-        if stream {
-            assert!(ahead > 0, "{order:?}: no layer was read ahead");
-        }
-        engine.shutdown();
     }
 }
 

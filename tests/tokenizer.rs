@@ -2,8 +2,7 @@
 
 mod common;
 
-use grating::models::Architecture;
-use grating::tokenize::{EncodeOptions, PairEncoder, Truncation};
+use grating::tokenize::{EncodeOptions, PairEncoder, PromptTemplate, Truncation};
 
 #[derive(serde::Deserialize)]
 struct Case {
@@ -27,7 +26,7 @@ fn real_qwen3_tokenizer_template_matches_hf() {
     };
     let enc = PairEncoder::from_file(
         &shared.join("tokenizers/qwen3/tokenizer.json"),
-        Architecture::Qwen3,
+        PromptTemplate::Qwen3Reranker,
     )
     .unwrap();
     let text = std::fs::read_to_string(common::fixture("qwen3-template-ids.json")).unwrap();
@@ -53,7 +52,7 @@ fn long_documents_are_cut_to_the_maximum_length() {
     };
     let enc = PairEncoder::from_file(
         &shared.join("tokenizers/qwen3/tokenizer.json"),
-        Architecture::Qwen3,
+        PromptTemplate::Qwen3Reranker,
     )
     .unwrap();
     let doc = "word ".repeat(20_000);

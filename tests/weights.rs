@@ -3,7 +3,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use grating::engine::{EngineOptions, RerankRequest, Reranker};
+use common::Req;
+use grating::{EngineOptions, Reranker};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -31,15 +32,15 @@ fn copy_with(fixture: &str, name: &str, tensors: &HashMap<String, Tensor>) -> Pa
 
 fn scores(dir: &Path) -> Vec<f32> {
     let r = Reranker::load(dir.to_str().unwrap(), &EngineOptions::default()).unwrap();
-    let mut req = RerankRequest::new(
+    let mut req = Req::new(
         "a query about shards",
         vec![
             "first document".into(),
             "second one, longer than the first".into(),
         ],
     );
-    req.mode = grating::Mode::Full;
-    let out = r.rerank(&req, None).unwrap();
+    req.opts.mode = grating::Mode::Full;
+    let out = req.run(&r).unwrap();
     let mut v = vec![0f32; 2];
     for s in out.ranked {
         v[s.index] = s.logit;

@@ -10,9 +10,9 @@
 use super::common::{BatchArgs, ModelArgs, PruneArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use grating::engine::{Mode, RerankRequest, Reranker};
 use grating::eval::dl19::Dl19;
 use grating::eval::metrics::{ndcg_at, topk_agreement};
+use grating::{Mode, RerankOptions};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -112,11 +112,11 @@ pub struct WorkerArgs {
     pub batch: BatchArgs,
 }
 
-fn weights_arg(w: grating::engine::WeightsMode) -> &'static str {
+fn weights_arg(w: grating::WeightsMode) -> &'static str {
     match w {
-        grating::engine::WeightsMode::Resident => "resident",
-        grating::engine::WeightsMode::Stream => "stream",
-        grating::engine::WeightsMode::Auto => "auto",
+        grating::WeightsMode::Resident => "resident",
+        grating::WeightsMode::Stream => "stream",
+        grating::WeightsMode::Auto => "auto",
     }
 }
 
@@ -143,12 +143,16 @@ pub fn parse_schedule(s: &str) -> Result<Vec<(usize, f32)>> {
 }
 
 pub fn worker(args: WorkerArgs) -> Result<()> {
-    let opts = args.model.engine_options()?;
-    let reranker = Reranker::load(&args.model.model, &opts)?;
-    let mut prune = args.prune.config(reranker.files())?;
+    let reranker = args.model.load(&args.batch)?;
+    let mut prune = args.prune.config(reranker.prune_config())?;
     if let Some(s) = &args.schedule {
         prune.schedule = parse_schedule(s)?;
     }
+    let base = RerankOptions {
+        mode: args.mode,
+        prune: Some(prune),
+        ..Default::default()
+    };
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
     for line in stdin.lock().lines() {
@@ -157,13 +161,12 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             continue;
         }
         let item: WorkItem = serde_json::from_str(&line)?;
-        let mut req = RerankRequest::new(item.query.clone(), item.docs.clone());
-        req.top_k = Some(item.top_k);
-        req.mode = args.mode;
-        args.batch.apply(&mut req, reranker.device())?;
-        req.prune = prune.clone();
+        let opts = RerankOptions {
+            top_k: Some(item.top_k),
+            ..base.clone()
+        };
         let t = std::time::Instant::now();
-        let res = reranker.rerank(&req, None)?;
+        let res = reranker.rerank(&item.query, &item.docs, &opts)?;
         let seconds = t.elapsed().as_secs_f64();
         let r = WorkResult {
             qid: item.qid,
@@ -327,8 +330,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let (mode, weights) = match name.split_once('@') {
             Some((m, w)) => (
                 m,
-                w.parse::<grating::engine::WeightsMode>()
-                    .map_err(|e| anyhow!(e))?,
+                w.parse::<grating::WeightsMode>().map_err(|e| anyhow!(e))?,
             ),
             None => (name.as_str(), args.model.weights),
         };

@@ -5,11 +5,11 @@
 //! throughput, p50/p99 latencies, and how much slower each small request was under load than
 //! alone.
 
-use super::common::ModelArgs;
+use super::common::{BatchArgs, ModelArgs};
 use super::serve::ServerArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use grating::engine::Reranker;
+
 use grating::eval::dl19::Dl19;
 use grating::server::{client, RunningServer};
 use std::path::PathBuf;
@@ -113,10 +113,9 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
     if args.sizes.is_empty() || args.concurrency.is_empty() || args.concurrency.contains(&0) {
         bail!("--sizes and --concurrency need positive values");
     }
-    let opts = args.model.engine_options()?;
     let data =
         Dl19::load(&args.data).with_context(|| format!("loading {}", args.data.display()))?;
-    let reranker = Arc::new(Reranker::load(&args.model.model, &opts)?);
+    let reranker = Arc::new(args.model.load(&BatchArgs::default())?);
     // One body per (query, size): BM25 top-`size` passages of the query.
     let max_size = *args.sizes.iter().max().unwrap_or(&1);
     let bodies: Vec<Vec<String>> = data

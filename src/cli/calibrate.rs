@@ -6,15 +6,15 @@
 //! (a candidate's score at a layer does not depend on which others are still live, so the
 //! replay is exact and a sweep costs one full pass per request).
 
-use super::common::{ModelArgs, PruneArgs};
+use super::common::{BatchArgs, ModelArgs, PruneArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use grating::engine::{RerankRequest, Reranker};
 use grating::eval::dl19::Dl19;
 use grating::eval::metrics::topk_agreement;
 use grating::prune::profile::{self, PruneProfile};
 use grating::prune::state::replay;
 use grating::prune::{PruneConfig, PruneMode};
+use grating::RerankOptions;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -109,9 +109,8 @@ pub fn default_thresholds() -> Vec<f32> {
 }
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
-    let opts = args.model.engine_options()?;
-    let reranker = Reranker::load(&args.model.model, &opts)?;
-    let mut base = args.prune.config(reranker.files())?;
+    let reranker = args.model.load(&BatchArgs::default())?;
+    let mut base = args.prune.config(reranker.prune_config())?;
     if base.mode == PruneMode::Off {
         bail!("calibration needs pruning on (drop --prune off)");
     }
@@ -120,7 +119,8 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
     } else {
         base.first_layer = 1;
     }
-    let requests: Vec<RerankRequest> = if args.queries.is_dir() {
+    // (query, documents) of each sample request.
+    let requests: Vec<(String, Vec<String>)> = if args.queries.is_dir() {
         let data = Dl19::load(&args.queries)?;
         data.queries
             .iter()
@@ -130,9 +130,9 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
                     .into_iter()
                     .map(|d| data.doc_texts[d].clone())
                     .collect();
-                RerankRequest::new(q.clone(), docs)
+                (q.clone(), docs)
             })
-            .filter(|r| r.documents.len() > args.top_k)
+            .filter(|r: &(String, Vec<String>)| r.1.len() > args.top_k)
             .collect()
     } else {
         let text = std::fs::read_to_string(&args.queries)
@@ -143,11 +143,11 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             .map(|(i, l)| {
                 let s: SampleRequest = serde_json::from_str(l)
                     .with_context(|| format!("{} line {}", args.queries.display(), i + 1))?;
-                Ok(RerankRequest::new(s.query, s.documents))
+                Ok((s.query, s.documents))
             })
             .collect::<Result<_>>()?
     };
-    let requests: Vec<RerankRequest> = requests
+    let requests: Vec<(String, Vec<String>)> = requests
         .into_iter()
         .take(args.limit.unwrap_or(usize::MAX))
         .collect();
@@ -162,8 +162,12 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
                 requests.len()
             );
             let mut recs = Vec::new();
-            for r in &requests {
-                recs.push(reranker.layer_scores(r)?.0);
+            for (query, docs) in &requests {
+                recs.push(
+                    reranker
+                        .layer_scores(query, docs, &RerankOptions::default())?
+                        .0,
+                );
             }
             if let Some(p) = &args.scores_cache {
                 std::fs::write(p, serde_json::to_string(&recs)?)?;
@@ -220,7 +224,12 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
             top_k: args.top_k,
             queries: recs.len(),
         };
-        let path = profile::save(reranker.files(), &p)?;
+        let dir = args
+            .model
+            .profile_dir
+            .clone()
+            .unwrap_or_else(profile::default_profile_dir);
+        let path = profile::save(&dir, reranker.files(), &p)?;
         println!("profile written to {}", path.display());
     }
     Ok(())

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use grating::prune::{PruneConfig, PruneMode, DEFAULT_MAX_CLUSTERS, DEFAULT_SSE_RATIO};
-use grating::weights::ModelFiles;
+use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -23,7 +23,7 @@ pub struct ModelArgs {
     /// current one computes, and cache only the embedding rows requests use; auto: resident
     /// when it fits --max-memory, else stream.
     #[arg(long, default_value = "auto")]
-    pub weights: grating::engine::WeightsMode,
+    pub weights: grating::WeightsMode,
     /// Peak memory budget, e.g. 512MiB: picks resident or streaming weights, the chunk size and
     /// hidden-state offload so the peak stays under it, or refuses naming the minimum needed.
     #[arg(long, value_parser = grating::engine::budget::parse_size)]
@@ -31,23 +31,65 @@ pub struct ModelArgs {
     /// Streaming: share of the vocabulary the embedding-row cache may keep (LRU).
     #[arg(long, default_value_t = 0.1)]
     pub embedding_cache: f32,
+    /// Where calibrated pruning profiles are read and saved (default: the user's cache
+    /// directory, grating/profiles).
+    #[arg(long, env = "GRATING_PROFILE_DIR")]
+    pub profile_dir: Option<PathBuf>,
+    /// Where offloaded hidden states are written (default: the system's temporary directory).
+    #[arg(long, env = "GRATING_SPILL_DIR")]
+    pub spill_dir: Option<PathBuf>,
+    /// Threads reading a streamed layer bound for a GPU (default: up to 4).
+    #[arg(long, env = "GRATING_READ_THREADS")]
+    pub read_threads: Option<usize>,
+    /// GPU paths run on candle's generic kernels instead of grating's, for comparison:
+    /// gemm, attention, norm (comma-separated) or all.
+    #[arg(long, env = "GRATING_GPU_GENERIC", hide = true)]
+    pub gpu_generic: Option<String>,
+    /// Synchronise after each stage of a layer and print stage times at exit (profiling).
+    #[arg(long, env = "GRATING_STAGE_PROFILE", hide = true, value_parser = parse_flag, default_value = "0")]
+    pub stage_profile: bool,
+}
+
+/// `1`/`true` or `0`/`false` (the environment variables' convention).
+fn parse_flag(s: &str) -> Result<bool> {
+    match s {
+        "1" | "true" => Ok(true),
+        "0" | "false" | "" => Ok(false),
+        _ => bail!("expected 1 or 0, got {s:?}"),
+    }
 }
 
 impl ModelArgs {
-    pub fn engine_options(&self) -> Result<grating::EngineOptions> {
+    /// The load-time options these flags ask for, with the grouping of `batch`.
+    pub fn engine_options(&self, batch: &BatchArgs) -> Result<grating::EngineOptions> {
         let threads = self.threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
         });
-        grating::ops::set_threads(threads);
         Ok(grating::EngineOptions {
             device: parse_device(&self.device)?,
             dtype: self.dtype,
             weights: self.weights,
             embedding_cache_share: self.embedding_cache,
             max_memory: self.max_memory,
+            threads: Some(threads),
+            batch_size: batch.batch_size,
+            chunk_tokens: batch.chunk_tokens,
+            offload: batch.offload,
+            profile_dir: self.profile_dir.clone(),
+            spill_dir: self.spill_dir.clone(),
+            read_threads: self.read_threads,
+            generic_gpu_paths: self.gpu_generic.clone(),
+            stage_profile: self.stage_profile,
+            ..Default::default()
         })
+    }
+
+    /// Loads the model these flags name.
+    pub fn load(&self, batch: &BatchArgs) -> Result<grating::Reranker> {
+        let opts = self.engine_options(batch)?;
+        Ok(grating::Reranker::load(&self.model, &opts)?)
     }
 }
 
@@ -101,33 +143,15 @@ pub struct PruneArgs {
 }
 
 impl PruneArgs {
-    /// The pruning config, filling unset values from the model's calibration profile.
-    pub fn config(&self, files: &ModelFiles) -> Result<PruneConfig> {
-        let profile = grating::prune::profile::load(files)?;
-        let mut cfg = PruneConfig::default();
-        if let Some(p) = &profile {
-            cfg.threshold = p.threshold;
-            cfg.first_layer = p.first_layer;
-            tracing::info!(
-                threshold = p.threshold,
-                first_layer = p.first_layer,
-                "using calibrated pruning profile"
-            );
-        }
+    /// The pruning rule: `base` (the reranker's own, from its calibrated profile if it has
+    /// one) with the values these flags set.
+    pub fn config(&self, base: &PruneConfig) -> Result<PruneConfig> {
+        let mut cfg = base.clone();
         if let Some(t) = self.threshold {
             cfg.threshold = t;
         }
         if let Some(f) = self.first_layer {
-            if f == 0 {
-                bail!("--first-layer counts from 1");
-            }
             cfg.first_layer = f;
-        }
-        if self.max_clusters < 2 {
-            bail!("--max-clusters must be at least 2");
-        }
-        if !(0.0..1.0).contains(&self.sse_ratio) {
-            bail!("--sse-ratio must be in [0, 1)");
         }
         cfg.max_clusters = self.max_clusters;
         cfg.sse_ratio = self.sse_ratio;
@@ -136,12 +160,13 @@ impl PruneArgs {
             (_, true) => PruneMode::ExactOrder,
             _ => PruneMode::TopK,
         };
+        cfg.validate()?;
         Ok(cfg)
     }
 }
 
 /// How candidates are grouped for compute.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct BatchArgs {
     /// Candidates per batch in full mode (default: 32 on the CPU; on a GPU batches are bounded
     /// by --chunk-tokens only).
@@ -152,39 +177,7 @@ pub struct BatchArgs {
     /// large operands (docs/gpu.md).
     #[arg(long)]
     pub chunk_tokens: Option<usize>,
-}
-
-/// GPU defaults of [`BatchArgs`]: the configuration docs/gpu.md measured.
-const GPU_CHUNK_TOKENS: usize = 65536;
-const GPU_BATCH_SIZE: usize = 100_000;
-
-impl BatchArgs {
-    /// Batch size and chunk tokens: the flags, else the defaults for `device`.
-    pub fn resolve(&self, device: &candle_core::Device) -> (usize, usize) {
-        let gpu = !device.is_cpu();
-        (
-            self.batch_size
-                .unwrap_or(if gpu { GPU_BATCH_SIZE } else { 32 }),
-            self.chunk_tokens.unwrap_or(if gpu {
-                GPU_CHUNK_TOKENS
-            } else {
-                grating::engine::monolithic::DEFAULT_CHUNK_TOKENS
-            }),
-        )
-    }
-
-    /// Sets the request's batch size and chunk tokens, refusing zeros.
-    pub fn apply(
-        &self,
-        req: &mut grating::RerankRequest,
-        device: &candle_core::Device,
-    ) -> Result<()> {
-        let (batch_size, chunk_tokens) = self.resolve(device);
-        if chunk_tokens == 0 || batch_size == 0 {
-            bail!("--chunk-tokens and --batch-size must be positive");
-        }
-        req.batch_size = batch_size;
-        req.chunk_tokens = chunk_tokens;
-        Ok(())
-    }
+    /// Offload hidden states between layers (set by subcommands that offer `--offload`).
+    #[arg(skip)]
+    pub offload: bool,
 }

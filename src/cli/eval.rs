@@ -1,14 +1,14 @@
 //! `grating eval`: ranking quality of full and grating modes on TREC DL 2019 with BM25
 //! candidates, the agreement of grating's top K with full inference, and the compute it saved.
 
-use super::common::{ModelArgs, PruneArgs};
+use super::common::{BatchArgs, ModelArgs, PruneArgs};
 use anyhow::{bail, Result};
 use clap::Args;
-use grating::engine::{Mode, RerankRequest, Reranker};
 use grating::eval::dl19::Dl19;
 use grating::eval::metrics::{ndcg_at, precision_at, topk_agreement};
 use grating::prune::state::replay;
 use grating::prune::PruneConfig;
+use grating::{RerankOptions, Reranker};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -58,12 +58,11 @@ pub fn record(
         if doc_idx.is_empty() {
             continue;
         }
-        let mut req = RerankRequest::new(
-            query.clone(),
-            doc_idx.iter().map(|&d| data.doc_texts[d].clone()).collect(),
-        );
-        req.mode = Mode::Grating;
-        let (layer_scores, _) = reranker.layer_scores(&req)?;
+        let docs: Vec<&str> = doc_idx
+            .iter()
+            .map(|&d| data.doc_texts[d].as_str())
+            .collect();
+        let (layer_scores, _) = reranker.layer_scores(query, &docs, &RerankOptions::default())?;
         out.push(Recorded {
             qid: qid.clone(),
             query: query.clone(),
@@ -142,7 +141,6 @@ pub fn score_rows(data: &Dl19, recs: &[Recorded], n: usize, k: usize, cfg: &Prun
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let opts = args.model.engine_options()?;
     if !args.data.join("qrels.tsv").is_file() {
         bail!(
             "{}: not a TREC DL directory (no qrels.tsv)",
@@ -150,8 +148,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
     }
     let data = Dl19::load(&args.data)?;
-    let reranker = Reranker::load(&args.model.model, &opts)?;
-    let cfg = args.prune.config(reranker.files())?;
+    let reranker = args.model.load(&BatchArgs::default())?;
+    let cfg = args.prune.config(reranker.prune_config())?;
     let mut rows = Vec::new();
     for &n in &args.candidates {
         let recs = record(&reranker, &data, n, args.queries)?;
@@ -205,16 +203,13 @@ fn check_engine(
 ) -> Result<usize> {
     let mut mismatches = 0;
     for r in recs {
-        let mut req = RerankRequest::new(
-            r.query.clone(),
-            r.doc_idx
-                .iter()
-                .map(|&d| data.doc_texts[d].clone())
-                .collect(),
-        );
-        req.top_k = Some(k);
-        req.prune = cfg.clone();
-        let out = reranker.rerank(&req, None)?;
+        let docs: Vec<&str> = r
+            .doc_idx
+            .iter()
+            .map(|&d| data.doc_texts[d].as_str())
+            .collect();
+        let opts = RerankOptions::top_k(k).with_prune(cfg.clone());
+        let out = reranker.rerank(&r.query, &docs, &opts)?;
         let got: Vec<usize> = out.ranked.iter().map(|s| s.index).collect();
         let want: Vec<usize> = replay(cfg, &r.layer_scores, k)
             .ranking

@@ -4,8 +4,7 @@ use super::common::{BatchArgs, ModelArgs, PruneArgs};
 use super::docs::read_documents;
 use anyhow::{bail, Result};
 use clap::Args;
-use grating::engine::{sigmoid, Mode, Progress, RerankRequest, Reranker};
-use grating::tokenize::Truncation;
+use grating::{sigmoid, Mode, Progress, RerankOptions, Truncation};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -76,7 +75,8 @@ impl Progress for Bar {
 }
 
 pub fn run(args: RerankArgs) -> Result<()> {
-    let opts = args.model.engine_options()?;
+    let mut batch = args.batch.clone();
+    batch.offload = args.offload;
     let docs = read_documents(&args.docs)?;
     // Positions in the file of the documents that are reranked.
     let selected: Vec<usize> = match args.bm25_prefilter {
@@ -90,29 +90,29 @@ pub fn run(args: RerankArgs) -> Result<()> {
         }
         None => (0..docs.len()).collect(),
     };
-    let reranker = Reranker::load(&args.model.model, &opts)?;
-    let mut req = RerankRequest::new(
-        args.query.clone(),
-        selected.iter().map(|&i| docs[i].text.clone()).collect(),
-    );
-    req.top_k = args.top_k;
-    req.mode = args.mode;
-    args.batch.apply(&mut req, reranker.device())?;
-    req.max_length = args.max_length;
-    req.truncation = if args.truncation_direction == "left" {
-        Truncation::Left
-    } else {
-        Truncation::Right
-    };
-    req.instruction = args.instruction.clone();
-    req.offload = args.offload;
-    req.prune = args.prune.config(reranker.files())?;
-    if let Some(s) = &args.schedule {
-        req.prune.schedule = super::bench::parse_schedule(s)?;
-    }
     if args.repeats == 0 {
         bail!("--repeats must be at least 1");
     }
+    let reranker = args.model.load(&batch)?;
+    let texts: Vec<&str> = selected.iter().map(|&i| docs[i].text.as_str()).collect();
+    let mut prune = args.prune.config(reranker.prune_config())?;
+    if let Some(s) = &args.schedule {
+        prune.schedule = super::bench::parse_schedule(s)?;
+    }
+    let opts = RerankOptions {
+        top_k: args.top_k,
+        mode: args.mode,
+        prune: Some(prune),
+        max_length: args.max_length,
+        truncation: if args.truncation_direction == "left" {
+            Truncation::Left
+        } else {
+            Truncation::Right
+        },
+        truncate: true,
+        instruction: args.instruction.clone(),
+        execution: None,
+    };
 
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
     if !std::io::stderr().is_terminal() {
@@ -123,15 +123,15 @@ pub fn run(args: RerankArgs) -> Result<()> {
             .expect("valid template")
             .progress_chars("=> "),
     );
-    bar.set_message(match req.mode {
+    bar.set_message(match opts.mode {
         Mode::Full => "batches",
         Mode::Grating => "layers",
     });
     let mut runs = Vec::with_capacity(args.repeats);
     for _ in 1..args.repeats {
-        runs.push(reranker.rerank(&req, None)?.stats);
+        runs.push(reranker.rerank(&args.query, &texts, &opts)?.stats);
     }
-    let out = reranker.rerank(&req, Some(&Bar(bar.clone())))?;
+    let out = reranker.rerank_with_progress(&args.query, &texts, &opts, &Bar(bar.clone()))?;
     runs.push(out.stats.clone());
     bar.finish_and_clear();
 
@@ -180,7 +180,7 @@ pub fn run(args: RerankArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn print_stats(s: &grating::engine::RequestStats) {
+pub fn print_stats(s: &grating::RequestStats) {
     eprintln!(
         "mode {} | {} candidates, {} tokens ({} truncated) | candidate-layers {}/{} ({:.1}% saved)",
         s.mode,

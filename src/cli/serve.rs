@@ -1,11 +1,10 @@
 //! `grating serve`: the rerank HTTP server (see `grating::server`).
 
-use super::common::{ModelArgs, PruneArgs};
+use super::common::{BatchArgs, ModelArgs, PruneArgs};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use grating::engine::shared::QueueOrder;
-use grating::engine::Reranker;
 use grating::server::{AppState, ServerConfig};
+use grating::{QueueOrder, Reranker};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,10 +30,10 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 120.0)]
     pub request_timeout: f64,
     /// Tokens per chunk of one request's hidden states (bounds activation memory).
-    #[arg(long, default_value_t = grating::engine::monolithic::DEFAULT_CHUNK_TOKENS)]
+    #[arg(long, default_value_t = grating::engine::DEFAULT_CHUNK_TOKENS)]
     pub chunk_tokens: usize,
     /// Tokens one layer step computes, shared by the requests in it (the fairness budget).
-    #[arg(long, default_value_t = grating::engine::shared::DEFAULT_STEP_TOKENS)]
+    #[arg(long, default_value_t = grating::engine::scheduler::DEFAULT_STEP_TOKENS)]
     pub step_tokens: usize,
     /// Who gets each layer step first: the request with the least work done so far
     /// (least-attained), with the least work left (shortest-remaining), with the least work
@@ -47,11 +46,11 @@ pub struct ServerArgs {
     pub queue_order: QueueOrder,
     /// Steps a request with work may be passed over before it goes first whatever the queue
     /// order (the starvation guard).
-    #[arg(long, default_value_t = grating::engine::shared::DEFAULT_STARVE_AFTER_STEPS)]
+    #[arg(long, default_value_t = grating::engine::scheduler::DEFAULT_STARVE_AFTER_STEPS)]
     pub starve_after_steps: u32,
     /// Layers the scheduler keeps built between steps (streamed or reloaded weights): steps
     /// that alternate between two layers then read neither again.
-    #[arg(long, default_value_t = grating::engine::shared::DEFAULT_CACHED_LAYERS)]
+    #[arg(long, default_value_t = grating::engine::scheduler::DEFAULT_CACHED_LAYERS)]
     pub cached_layers: usize,
     /// Run requests one after another instead of sharing layer steps between them.
     #[arg(long)]
@@ -86,7 +85,7 @@ impl ServerArgs {
             request_timeout: Duration::from_secs_f64(self.request_timeout),
             api_key: api_key.filter(|k| !k.is_empty()),
             chunk_tokens: self.chunk_tokens,
-            prune: self.prune.config(reranker.files())?,
+            prune: self.prune.config(reranker.prune_config())?,
             layer_sharing: !self.no_layer_sharing,
             queue_order: self.queue_order.clone(),
             cached_layers: self.cached_layers,
@@ -119,8 +118,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let opts = args.model.engine_options()?;
-    let reranker = Arc::new(Reranker::load(&args.model.model, &opts)?);
+    let reranker = Arc::new(args.model.load(&BatchArgs::default())?);
     let cfg = args.server.config(&reranker, args.api_key.clone())?;
     let state = AppState::new(reranker, cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

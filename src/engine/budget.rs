@@ -19,7 +19,11 @@
 //! with T the request's tokens, C the chunk's tokens, D the hidden size, L_max the longest
 //! sequence.
 
+use super::layers::LayerSource;
+use super::{Engine, Grouping};
+use crate::error::{GratingError, Result};
 use crate::models::ModelInfo;
+use crate::tokenize::EncodedPair;
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct MemoryPlan {
@@ -130,6 +134,70 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         }
     };
     Ok((v * mult) as u64)
+}
+
+/// The grouping that keeps a request on `engine` under `limit` bytes (the request's own when it
+/// fits, else smaller chunks and offload), with the predicted peak in MiB; or a refusal naming
+/// the minimum the request needs.
+pub(crate) fn plan_request(
+    engine: &Engine,
+    limit: u64,
+    pairs: &[EncodedPair],
+    grouping: Grouping,
+) -> Result<(Grouping, f64)> {
+    let info = engine.model.info();
+    let b = engine.dtype.size_in_bytes() as u64;
+    let (stream_bytes, embedding_growth) = match &engine.source {
+        LayerSource::Stream(s) => {
+            let elems = |t: &crate::weights::TensorEntry| t.shape.iter().product::<usize>() as u64;
+            let disk = s.plans.iter().map(|p| p.bytes as u64).max().unwrap_or(0);
+            let built = s
+                .plans
+                .iter()
+                .map(|p| p.tensors.iter().map(|(_, e)| elems(e)).sum::<u64>())
+                .max()
+                .unwrap_or(0)
+                * b;
+            let tensor = s
+                .plans
+                .iter()
+                .flat_map(|p| p.tensors.iter().map(|(_, e)| elems(e)))
+                .max()
+                .unwrap_or(0)
+                * b;
+            let growth = (info.vocab_size as f64 * s.cache_share as f64).ceil() as u64
+                * info.hidden_size as u64
+                * 4;
+            ((disk, built, tensor), growth)
+        }
+        LayerSource::Resident | LayerSource::Reload(_) => ((0, 0, 0), 0),
+    };
+    let inputs = BudgetInputs {
+        rss_now: (crate::memory::rss_mib().unwrap_or(0.0) * 1048576.0) as u64,
+        stream_bytes,
+        embedding_growth,
+        threads: crate::ops::threads(),
+        dtype_bytes: b,
+    };
+    let total: usize = pairs.iter().map(EncodedPair::len).sum();
+    let max_len = pairs.iter().map(EncodedPair::len).max().unwrap_or(1);
+    match plan(info, &inputs, total, max_len, grouping.chunk_tokens, limit) {
+        Ok(p) => Ok((
+            Grouping {
+                chunk_tokens: p.chunk_tokens,
+                offload: p.offload || grouping.offload,
+                ..grouping
+            },
+            p.predicted_peak_bytes as f64 / 1048576.0,
+        )),
+        Err(min) => Err(GratingError::MemoryBudget(format!(
+            "this request needs at least {:.0} MiB ({} candidates, {total} tokens, {} weights) but the budget is {:.0} MiB",
+            min as f64 / 1048576.0,
+            pairs.len(),
+            engine.source.name(),
+            limit as f64 / 1048576.0
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -2,59 +2,19 @@
 //! candidates sorted by length into batches, each batch through every layer, every score kept.
 //! Batches are packed (no padding) so the baseline wastes no work either.
 
+use super::batch::{length_order, pack, plan_batches};
+use super::layers::LayerProvider;
 use super::stats::RequestStats;
-use super::{Layers, Progress};
+use super::Progress;
 use crate::error::Result;
-use crate::models::{PackedBatch, RerankModel};
+use crate::models::RerankModel;
 use crate::tokenize::EncodedPair;
 use std::time::Instant;
-
-/// Candidate indices sorted longest first (ties by index), so batches hold similar lengths.
-pub(crate) fn length_order(pairs: &[EncodedPair]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    order.sort_by(|&a, &b| pairs[b].len().cmp(&pairs[a].len()).then(a.cmp(&b)));
-    order
-}
-
-/// Consecutive runs of `order` with at most `max_count` candidates and (unless a single
-/// candidate is longer) at most `max_tokens` tokens, so a batch of long documents is split
-/// and activation memory stays bounded as in grating mode's chunks.
-pub(crate) fn plan_batches(
-    pairs: &[EncodedPair],
-    order: &[usize],
-    max_count: usize,
-    max_tokens: usize,
-) -> Vec<Vec<usize>> {
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    let mut tokens = 0;
-    for &m in order {
-        let len = pairs[m].len();
-        match out.last_mut() {
-            Some(cur) if cur.len() < max_count && tokens + len <= max_tokens => {
-                cur.push(m);
-                tokens += len;
-            }
-            _ => {
-                out.push(vec![m]);
-                tokens = len;
-            }
-        }
-    }
-    out
-}
-
-pub(crate) fn pack(pairs: &[EncodedPair], members: &[usize]) -> PackedBatch {
-    PackedBatch::new(
-        members
-            .iter()
-            .map(|&i| (pairs[i].ids.as_slice(), pairs[i].type_ids.as_slice())),
-    )
-}
 
 /// Scores every candidate at the last layer; returns logits in candidate order.
 pub(crate) fn score_all(
     model: &dyn RerankModel,
-    layers: &mut Layers<'_>,
+    layers: &mut LayerProvider,
     pairs: &[EncodedPair],
     batch_size: usize,
     batch_tokens: usize,
@@ -74,7 +34,7 @@ pub(crate) fn score_all(
         let t = Instant::now();
         let mut hidden = model.embed(&batch)?;
         // With streamed weights every batch reads every layer again, as offloading runtimes do.
-        layers.begin((0..num_layers).collect());
+        layers.expect(&(0..num_layers).collect::<Vec<_>>());
         for l in 0..num_layers {
             let (layer, stall) = layers.get(l)?;
             stats.stall_seconds += stall;

@@ -23,10 +23,9 @@ pub(crate) enum Hidden {
 }
 
 impl SpillFile {
-    pub(crate) fn new() -> Result<SpillFile> {
-        let dir = std::env::var_os("GRATING_SPILL_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
+    /// A scratch file in `dir` (the system's temporary directory when `None`).
+    pub(crate) fn new(dir: Option<&std::path::Path>) -> Result<SpillFile> {
+        let dir = dir.map_or_else(std::env::temp_dir, std::path::Path::to_path_buf);
         let file = tempfile::tempfile_in(&dir).map_err(|e| {
             GratingError::Io(std::io::Error::new(
                 e.kind(),
@@ -81,9 +80,9 @@ impl Hidden {
     pub(crate) fn resident(&self) -> Result<&Tensor> {
         match self {
             Hidden::Resident(t) => Ok(t),
-            Hidden::Spilled { .. } => Err(GratingError::InvalidInput(
-                "hidden states are offloaded".into(),
-            )),
+            Hidden::Spilled { .. } => {
+                Err(GratingError::Internal("hidden states are offloaded".into()))
+            }
         }
     }
 
@@ -98,7 +97,7 @@ impl Hidden {
             Hidden::Resident(t) => Ok(t.clone()),
             Hidden::Spilled { at, rows, dim } => match spill {
                 Some(s) => s.load(*at, *rows, *dim, dtype, device),
-                None => Err(GratingError::InvalidInput(
+                None => Err(GratingError::Internal(
                     "hidden states were offloaded without a spill file".into(),
                 )),
             },
@@ -112,7 +111,7 @@ mod tests {
 
     #[test]
     fn spill_round_trips() {
-        let s = SpillFile::new().unwrap();
+        let s = SpillFile::new(None).unwrap();
         let a = Tensor::arange(0f32, 12.0, &Device::Cpu)
             .unwrap()
             .reshape((3, 4))

@@ -1,18 +1,7 @@
 //! Per-request statistics, returned with every answer and printed by `--stats`.
 
+pub use crate::prune::PruneEvent;
 use serde::Serialize;
-
-/// One pruning decision after a layer.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct PruneEvent {
-    /// 1-based layer whose output was scored.
-    pub layer: usize,
-    pub live_before: usize,
-    pub accepted: usize,
-    pub dropped: usize,
-    pub dispersion: f32,
-    pub clusters: usize,
-}
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct LayerTiming {

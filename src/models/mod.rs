@@ -94,6 +94,25 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// A small encoder's shape, for unit tests that plan work without a model.
+    #[cfg(test)]
+    pub(crate) fn for_tests(num_layers: usize) -> ModelInfo {
+        ModelInfo {
+            architecture: "BertForSequenceClassification".into(),
+            num_layers,
+            hidden_size: 32,
+            num_heads: 4,
+            num_kv_heads: 4,
+            head_dim: 8,
+            intermediate_size: 64,
+            vocab_size: 100,
+            max_length: 512,
+            score_kind: ScoreKind::Logit,
+            linear_params_per_layer: 4 * 32 * 32 + 2 * 32 * 64,
+            causal: false,
+        }
+    }
+
     /// FLOPs of one layer on one sequence of `len` tokens: the linear layers plus the two
     /// attention products (causal attention counts half).
     pub fn layer_flops(&self, len: usize) -> f64 {
@@ -153,6 +172,13 @@ pub enum Architecture {
     Bert,
     XlmRoberta,
     Qwen3,
+}
+
+impl Architecture {
+    /// Decoder rerankers read a chat prompt; encoders the tokenizer's pair template.
+    pub fn uses_chat_prompt(self) -> bool {
+        self == Architecture::Qwen3
+    }
 }
 
 #[derive(Deserialize)]

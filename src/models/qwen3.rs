@@ -289,8 +289,7 @@ impl Qwen3Reranker {
         let rope = Arc::new(RopeTable::new(
             cfg.head_dim(),
             cfg.rope_theta,
-            cfg.max_position_embeddings
-                .min(crate::tokenize::HARD_MAX_TOKENS),
+            cfg.max_position_embeddings.min(crate::HARD_MAX_TOKENS),
         ));
         let dh = cfg.head_dim();
         let info = ModelInfo {

@@ -21,6 +21,18 @@ pub mod kmeans1d;
 pub mod profile;
 pub mod state;
 
+/// One pruning decision after a layer, as reported in a request's stats.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct PruneEvent {
+    /// 1-based layer whose output was scored.
+    pub layer: usize,
+    pub live_before: usize,
+    pub accepted: usize,
+    pub dropped: usize,
+    pub dispersion: f32,
+    pub clusters: usize,
+}
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +82,33 @@ impl Default for PruneConfig {
             sse_ratio: DEFAULT_SSE_RATIO,
             schedule: Vec::new(),
         }
+    }
+}
+
+impl PruneConfig {
+    /// Refuses settings the rule cannot work with, naming the setting.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        let bad = |m: &str| Err(crate::error::GratingError::InvalidInput(m.into()));
+        if self.first_layer == 0 {
+            return bad("the first pruning layer counts from 1");
+        }
+        if self.max_clusters < 2 {
+            return bad("max clusters must be at least 2");
+        }
+        if !(0.0..1.0).contains(&self.sse_ratio) {
+            return bad("the SSE ratio must be in [0, 1)");
+        }
+        if !self.threshold.is_finite() || self.threshold < 0.0 {
+            return bad("the dispersion threshold must be a non-negative number");
+        }
+        if self
+            .schedule
+            .iter()
+            .any(|&(l, f)| l == 0 || !(0.0..=1.0).contains(&f))
+        {
+            return bad("a pruning schedule step needs a layer from 1 and a fraction in [0, 1]");
+        }
+        Ok(())
     }
 }
 

@@ -38,12 +38,10 @@ pub fn fingerprint(files: &ModelFiles) -> Result<String> {
     Ok(format!("{h:016x}"))
 }
 
-/// Where profiles live: `$GRATING_PROFILE_DIR`, else `$XDG_CACHE_HOME/grating/profiles`, else
-/// `~/.cache/grating/profiles`.
-pub fn profile_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("GRATING_PROFILE_DIR") {
-        return PathBuf::from(d);
-    }
+/// Where profiles live unless the caller names a directory: `$XDG_CACHE_HOME/grating/profiles`,
+/// else `~/.cache/grating/profiles` (the platform's cache convention; grating's own settings
+/// come in as options, never from its own environment variables).
+pub fn default_profile_dir() -> PathBuf {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
@@ -51,13 +49,14 @@ pub fn profile_dir() -> PathBuf {
     cache.join("grating").join("profiles")
 }
 
-pub fn profile_path(files: &ModelFiles) -> Result<PathBuf> {
-    Ok(profile_dir().join(format!("{}.json", fingerprint(files)?)))
+/// The profile file of this model in `dir`.
+pub fn profile_path(dir: &Path, files: &ModelFiles) -> Result<PathBuf> {
+    Ok(dir.join(format!("{}.json", fingerprint(files)?)))
 }
 
-/// The saved profile for this model, if any.
-pub fn load(files: &ModelFiles) -> Result<Option<PruneProfile>> {
-    let path = profile_path(files)?;
+/// The saved profile for this model in `dir`, if any.
+pub fn load(dir: &Path, files: &ModelFiles) -> Result<Option<PruneProfile>> {
+    let path = profile_path(dir, files)?;
     if !path.is_file() {
         return Ok(None);
     }
@@ -69,8 +68,8 @@ pub fn load(files: &ModelFiles) -> Result<Option<PruneProfile>> {
     Ok(Some(p))
 }
 
-pub fn save(files: &ModelFiles, profile: &PruneProfile) -> Result<PathBuf> {
-    let path = profile_path(files)?;
+pub fn save(dir: &Path, files: &ModelFiles, profile: &PruneProfile) -> Result<PathBuf> {
+    let path = profile_path(dir, files)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -3,8 +3,7 @@
 //! and evaluation replay recorded per-layer scores through the same code, so a simulated
 //! decision is exactly the decision the engine would take.
 
-use super::{decide, PruneConfig, PruneMode};
-use crate::engine::PruneEvent;
+use super::{decide, PruneConfig, PruneEvent, PruneMode};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fate {

@@ -168,7 +168,7 @@ pub struct Info {
     /// `most-shared`, or a
     /// comma-separated list that steps take in turn.
     #[schema(value_type = String)]
-    pub queue_order: crate::engine::shared::QueueOrder,
+    pub queue_order: crate::engine::scheduler::QueueOrder,
     pub step_tokens: usize,
     /// Layers the scheduler keeps built between steps.
     pub cached_layers: usize,

@@ -2,7 +2,7 @@
 //! (no process-global recorder), so several servers in one process, as in the tests, keep
 //! separate counts.
 
-use crate::engine::shared::Counters;
+use crate::engine::scheduler::Counters;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;

@@ -14,9 +14,10 @@ mod docs;
 pub mod error;
 pub mod metrics;
 
-use crate::engine::shared::{Job, LayerSource, QueueOrder, SharedEngine, SharedOptions};
-use crate::engine::{sigmoid, RerankOutput, RerankRequest, Reranker};
+use crate::engine::scheduler::{QueueOrder, RankedPolicy};
+use crate::engine::{sigmoid, RerankOutput};
 use crate::prune::{PruneConfig, PruneMode};
+use crate::reranker::{RerankOptions, Reranker, SharedOptions, SharedReranker};
 use crate::tokenize::Truncation;
 use api::*;
 use axum::body::Bytes;
@@ -30,7 +31,6 @@ use axum::{Extension, Json, Router};
 use error::{ApiError, ErrorBody};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -81,13 +81,13 @@ impl Default for ServerConfig {
             max_concurrent_requests: 64,
             request_timeout: Duration::from_secs(120),
             api_key: None,
-            chunk_tokens: crate::engine::monolithic::DEFAULT_CHUNK_TOKENS,
+            chunk_tokens: crate::engine::DEFAULT_CHUNK_TOKENS,
             prune: PruneConfig::default(),
             layer_sharing: true,
             queue_order: QueueOrder::default(),
-            step_tokens: crate::engine::shared::DEFAULT_STEP_TOKENS,
-            cached_layers: crate::engine::shared::DEFAULT_CACHED_LAYERS,
-            starve_after_steps: crate::engine::shared::DEFAULT_STARVE_AFTER_STEPS,
+            step_tokens: crate::engine::scheduler::DEFAULT_STEP_TOKENS,
+            cached_layers: crate::engine::scheduler::DEFAULT_CACHED_LAYERS,
+            starve_after_steps: crate::engine::scheduler::DEFAULT_STARVE_AFTER_STEPS,
             reload_layers: false,
             shutdown_grace: Duration::from_secs(30),
         }
@@ -96,8 +96,7 @@ impl Default for ServerConfig {
 
 /// Shared by all handlers.
 pub struct AppState {
-    reranker: Arc<Reranker>,
-    engine: SharedEngine,
+    engine: SharedReranker,
     cfg: ServerConfig,
     metrics: metrics::Metrics,
     permits: Arc<Semaphore>,
@@ -110,31 +109,21 @@ impl AppState {
     pub fn new(reranker: Arc<Reranker>, cfg: ServerConfig) -> crate::Result<Arc<AppState>> {
         let model_max = reranker.info().max_length;
         let max_doc_tokens = cfg.max_tokens_per_doc.unwrap_or(model_max).min(model_max);
-        let layer_source = if cfg.reload_layers {
-            let index = crate::weights::WeightIndex::open(&reranker.files().weights)?;
-            let src = crate::weights::MmapSource::open(
-                index,
-                candle_core::DType::F32,
-                candle_core::Device::Cpu,
-            )?;
-            LayerSource::Reload(Arc::new(src))
-        } else if let Some(s) = reranker.streaming() {
-            LayerSource::Stream(s.clone())
-        } else {
-            LayerSource::Resident
-        };
-        let engine = SharedEngine::start(
-            reranker.model().clone(),
+        let engine = SharedReranker::new(
+            reranker.clone(),
             SharedOptions {
                 layer_sharing: cfg.layer_sharing,
-                order: cfg.queue_order.clone(),
+                policy: Arc::new(RankedPolicy {
+                    order: cfg.queue_order.clone(),
+                    starve_after_steps: cfg.starve_after_steps.max(1),
+                }),
                 step_tokens: cfg.step_tokens,
                 max_active: cfg.max_concurrent_requests.max(1),
-                layer_source,
                 cached_layers: cfg.cached_layers.max(1),
-                starve_after_steps: cfg.starve_after_steps.max(1),
+                chunk_tokens: cfg.chunk_tokens,
+                reload_layers: cfg.reload_layers,
             },
-        );
+        )?;
         let mi = reranker.info();
         let info = Info {
             model: reranker.model_id().to_string(),
@@ -161,7 +150,7 @@ impl AppState {
             chunk_tokens: cfg.chunk_tokens,
             weights: if cfg.reload_layers {
                 "reload"
-            } else if reranker.streaming().is_some() {
+            } else if reranker.weights_mode() == crate::engine::WeightsMode::Stream {
                 "stream"
             } else {
                 "resident"
@@ -178,7 +167,6 @@ impl AppState {
             version: env!("CARGO_PKG_VERSION").into(),
         };
         Ok(Arc::new(AppState {
-            reranker,
             engine,
             permits: Arc::new(Semaphore::new(cfg.max_concurrent_requests.max(1))),
             cfg,
@@ -188,7 +176,7 @@ impl AppState {
         }))
     }
 
-    pub fn engine(&self) -> &SharedEngine {
+    pub fn engine(&self) -> &SharedReranker {
         &self.engine
     }
 }
@@ -371,21 +359,6 @@ fn parse<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_json(&e))
 }
 
-/// Sets the cancel flag when dropped before `done` (the client went away or the deadline
-/// passed), so the engine stops spending steps on an answer nobody waits for.
-struct CancelOnDrop {
-    flag: Arc<AtomicBool>,
-    done: bool,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if !self.done {
-            self.flag.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
 async fn run_rerank(
     st: &Arc<AppState>,
     p: Prepared,
@@ -427,29 +400,27 @@ async fn run_rerank(
             ),
         ));
     }
-    let n = p.documents.len();
-    let k = p.top_n.filter(|&k| k > 0).unwrap_or(n).min(n);
     let st2 = st.clone();
-    let tokenize_start = Instant::now();
-    let encoded = tokio::task::spawn_blocking(move || {
-        let r = &st2.reranker;
+    let submitted = tokio::task::spawn_blocking(move || {
+        let r = st2.engine.reranker();
         let mut max_length = st2.max_doc_tokens;
         if let Some(doc_cap) = p.max_tokens_per_doc {
             // Cohere's cap counts document tokens; the engine's counts the whole sequence.
-            let q = r
-                .encoder()
-                .tokenizer()
-                .encode(p.query.as_str(), false)
-                .map(|e| e.len())
-                .unwrap_or(0);
-            max_length = max_length.min(doc_cap.max(1) + q + r.encoder().template_tokens());
+            let q = r.count_tokens(&p.query).unwrap_or(0);
+            max_length = max_length.min(doc_cap.max(1) + q + r.template_tokens());
         }
-        let mut req = RerankRequest::new(p.query, p.documents);
-        req.max_length = Some(max_length);
-        req.truncate = p.truncate;
-        req.truncation = p.truncation;
-        let pairs = r.encode(&req);
-        (pairs, req.documents)
+        let opts = RerankOptions {
+            top_k: p.top_n,
+            prune: Some(st2.cfg.prune.clone()),
+            max_length: Some(max_length),
+            truncate: p.truncate,
+            truncation: p.truncation,
+            ..Default::default()
+        };
+        let pending = st2
+            .engine
+            .submit(&p.query, &p.documents, &opts, Some(deadline));
+        (pending, p.documents)
     })
     .await
     .map_err(|e| {
@@ -459,36 +430,16 @@ async fn run_rerank(
             format!("tokenizer task failed: {e}"),
         )
     })?;
-    let (pairs, documents) = encoded;
-    let pairs = pairs?;
-    let tokenize_seconds = tokenize_start.elapsed().as_secs_f64();
-
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let mut guard = CancelOnDrop {
-        flag: cancel.clone(),
-        done: false,
-    };
+    let (pending, documents) = submitted;
+    let pending = pending?;
     let submitted = Instant::now();
-    st.engine.submit(Job {
-        pairs,
-        k,
-        chunk_tokens: st.cfg.chunk_tokens,
-        prune: st.cfg.prune.clone(),
-        cancel,
-        deadline: Some(deadline),
-        tokenize_seconds,
-        reply: Box::new(move |r| {
-            let _ = tx.send(r);
-        }),
-    });
-    let answer = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), rx).await;
-    guard.done = true;
+    // Dropping `pending` unanswered (deadline, client gone) cancels the request in the engine.
+    let answer = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), pending).await;
     st.metrics
         .record_engine_time(submitted.elapsed().as_secs_f64());
     match answer {
-        Ok(Ok(Ok(out))) => Ok((out, documents)),
-        Ok(Ok(Err(crate::GratingError::Cancelled(m)))) if Instant::now() >= deadline => {
+        Ok(Ok(out)) => Ok((out, documents)),
+        Ok(Err(crate::GratingError::Cancelled(m))) if Instant::now() >= deadline => {
             Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "timeout",
@@ -498,23 +449,15 @@ async fn run_rerank(
                 ),
             ))
         }
-        Ok(Ok(Err(e))) => Err(e.into()),
-        Ok(Err(_)) => Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the engine dropped the request",
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            format!(
+                "the request did not finish within {:?}",
+                st.cfg.request_timeout
+            ),
         )),
-        Err(_) => {
-            guard.flag.store(true, Ordering::Relaxed);
-            Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
-                format!(
-                    "the request did not finish within {:?}",
-                    st.cfg.request_timeout
-                ),
-            ))
-        }
     }
 }
 

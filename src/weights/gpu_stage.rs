@@ -8,7 +8,7 @@
 //! buffer before overwriting it; the host waits for an upload out of a pinned buffer to finish
 //! before refilling it.
 
-use super::stream::LayerPlan;
+use super::plan::LayerPlan;
 use super::{check_entry, TensorEntry, TensorSource};
 use crate::error::{GratingError, Result};
 use candle_core::cuda::cudarc::driver::{

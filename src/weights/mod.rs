@@ -6,6 +6,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod gpu_stage;
+pub mod plan;
 pub mod pread;
 pub mod stream;
 

@@ -3,79 +3,14 @@
 //! back to the I/O thread as soon as its layer is built, and is refilled with the layer after
 //! next. At most two layers' raw bytes plus the layer being computed are ever in memory.
 
+use super::plan::LayerPlan;
 use super::pread::PreadFiles;
-use super::{tensor_from_bytes, TensorEntry, TensorSource, WeightIndex};
+use super::{tensor_from_bytes, TensorEntry, TensorSource};
 use crate::error::{GratingError, Result};
-use crate::models::{LayerBlock, RerankModel};
 use candle_core::{DType, Device, Tensor};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Where one layer's tensors are on disk.
-#[derive(Debug, Clone)]
-pub struct LayerPlan {
-    pub tensors: Vec<(String, TensorEntry)>,
-    pub bytes: usize,
-}
-
-impl LayerPlan {
-    /// Tensor `name`'s byte offset in the layer's read buffer (tensors lie end to end in plan
-    /// order) and its entry.
-    pub fn locate(&self, name: &str) -> Option<(usize, &TensorEntry)> {
-        let mut off = 0;
-        for (n, e) in &self.tensors {
-            if n == name {
-                return Some((off, e));
-            }
-            off += e.byte_len();
-        }
-        None
-    }
-
-    /// [`TensorSource::get`] over a buffer of this plan: `build(offset, entry)` makes the
-    /// tensor once `name` is found.
-    pub(crate) fn get_with(
-        &self,
-        name: &str,
-        build: impl FnOnce(usize, &TensorEntry) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        match self.locate(name) {
-            Some((off, e)) => build(off, e),
-            None => Err(GratingError::MissingTensor {
-                name: name.to_string(),
-            }),
-        }
-    }
-
-    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        self.locate(name).map(|(_, e)| e.shape.clone())
-    }
-}
-
-/// The read plan of every layer: all tensors under the model's per-layer name prefix.
-pub fn layer_plans(index: &WeightIndex, model: &dyn RerankModel) -> Result<Vec<LayerPlan>> {
-    (0..model.num_layers())
-        .map(|l| {
-            let prefix = model.layer_prefix(l);
-            let mut tensors: Vec<(String, TensorEntry)> = index
-                .entries
-                .iter()
-                .filter(|(n, _)| n.starts_with(&prefix))
-                .map(|(n, e)| (n.clone(), e.clone()))
-                .collect();
-            if tensors.is_empty() {
-                return Err(GratingError::MissingTensor {
-                    name: format!("{prefix}*"),
-                });
-            }
-            // File order makes the reads sequential.
-            tensors.sort_by_key(|(_, e)| (e.file, e.start));
-            let bytes = tensors.iter().map(|(_, e)| e.byte_len()).sum();
-            Ok(LayerPlan { tensors, bytes })
-        })
-        .collect()
-}
 
 /// A reusable buffer a layer's bytes are read into.
 enum Staging {
@@ -94,21 +29,12 @@ struct Loaded {
 /// Largest single `pread` of a parallel layer read.
 const READ_PIECE: usize = 4 << 20;
 
-/// Reader threads for a layer bound for a GPU. A layer read from the page cache is a memory
-/// copy that one thread does at a few GB/s, slower than the upload and than a layer's kernels
-/// on a large GPU; the host's cores are otherwise idle there. (On the CPU they compute.)
-/// `GRATING_READ_THREADS` overrides the count.
-#[cfg(feature = "cuda")]
-fn gpu_reader_threads() -> usize {
-    // Asked once: the answer can involve reading cgroup files, and layers are read often.
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| {
-        std::env::var("GRATING_READ_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
-    })
+/// Reader threads for a layer bound for a GPU unless configured. A layer read from the page
+/// cache is a memory copy that one thread does at a few GB/s, slower than the upload and than a
+/// layer's kernels on a large GPU; the host's cores are otherwise idle there. (On the CPU they
+/// compute, so host-bound layers are read by one thread.)
+pub fn default_gpu_read_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 /// Reads `plan`'s tensors, in file order, into `buf`, split into contiguous parts read by
@@ -153,6 +79,7 @@ fn fill(
     files: &PreadFiles,
     plan: &LayerPlan,
     buf: &mut Staging,
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] read_threads: usize,
     #[cfg(feature = "cuda")] link: Option<&super::gpu_stage::GpuLink>,
 ) -> Result<()> {
     match buf {
@@ -162,7 +89,7 @@ fn fill(
         }
         #[cfg(feature = "cuda")]
         Staging::Gpu(g) => {
-            read_plan(files, plan, g.host_mut(plan.bytes)?, gpu_reader_threads())?;
+            read_plan(files, plan, g.host_mut(plan.bytes)?, read_threads.max(1))?;
             let link = link.ok_or_else(|| {
                 GratingError::Internal("GPU staging buffer without a GPU link".into())
             })?;
@@ -213,13 +140,14 @@ pub struct LayerStream {
 }
 
 impl LayerStream {
-    /// Starts reading `order` ahead with two buffers.
+    /// Starts reading `order` ahead with two buffers (`read_threads` read a GPU-bound layer).
     pub fn start(
         files: Arc<PreadFiles>,
         plans: Arc<Vec<LayerPlan>>,
         order: Vec<usize>,
         dtype: DType,
         device: Device,
+        read_threads: usize,
     ) -> LayerStream {
         let (ready_tx, ready) = channel::<Result<Loaded>>();
         let (free, free_rx) = channel::<Staging>();
@@ -262,6 +190,7 @@ impl LayerStream {
                         &files,
                         &io_plans[layer],
                         &mut buf,
+                        read_threads,
                         #[cfg(feature = "cuda")]
                         io_link.as_ref(),
                     );
@@ -295,13 +224,14 @@ impl LayerStream {
         self.read_seconds
     }
 
-    /// Waits for layer `layer` (the next in the order) and builds it. Returns the layer and the
-    /// seconds the caller waited for its bytes.
-    pub fn next(
+    /// Waits for layer `layer` (the next in the order) and has `build` make it from the layer's
+    /// tensors (the caller knows the architecture; the store only serves bytes). Returns what
+    /// `build` made and the seconds the caller waited for the bytes.
+    pub fn next_with<L>(
         &mut self,
-        model: &dyn RerankModel,
         layer: usize,
-    ) -> Result<(Arc<dyn LayerBlock>, f64)> {
+        build: impl FnOnce(&dyn TensorSource) -> Result<L>,
+    ) -> Result<(L, f64)> {
         let t = Instant::now();
         let loaded = match self.ready.recv() {
             Ok(r) => r?,
@@ -314,7 +244,7 @@ impl LayerStream {
         };
         let stall = t.elapsed().as_secs_f64();
         if loaded.layer != layer {
-            return Err(GratingError::InvalidInput(format!(
+            return Err(GratingError::Internal(format!(
                 "streamed layer {} arrived when {layer} was expected",
                 loaded.layer
             )));
@@ -329,7 +259,7 @@ impl LayerStream {
                     dtype: self.dtype,
                     device: &self.device,
                 };
-                model.load_layer(layer, &src)?
+                build(&src)?
             }
             #[cfg(feature = "cuda")]
             Staging::Gpu(g) => {
@@ -343,7 +273,7 @@ impl LayerStream {
                     plan: &self.plans[layer],
                     dtype: self.dtype,
                 };
-                let block = model.load_layer(layer, &src)?;
+                let block = build(&src)?;
                 g.release(link)?;
                 block
             }

@@ -79,12 +79,57 @@ pub fn read_reference(path: &std::path::Path) -> Vec<ReferenceRow> {
         .collect()
 }
 
+/// A query, its documents and how to rank them: what a test sends.
+#[derive(Debug, Clone)]
+#[allow(dead_code)]
+pub struct Req {
+    pub query: String,
+    pub documents: Vec<String>,
+    pub opts: grating::RerankOptions,
+    /// Per-request grouping overrides on the reranker's own.
+    pub chunk_tokens: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub offload: bool,
+}
+
+#[allow(dead_code)]
+impl Req {
+    pub fn new(query: impl Into<String>, documents: Vec<String>) -> Req {
+        Req {
+            query: query.into(),
+            documents,
+            opts: grating::RerankOptions::default(),
+            chunk_tokens: None,
+            batch_size: None,
+            offload: false,
+        }
+    }
+
+    /// The options with this request's grouping on `r`'s.
+    pub fn options(&self, r: &grating::Reranker) -> grating::RerankOptions {
+        let mut e = *r.execution();
+        if let Some(c) = self.chunk_tokens {
+            e.chunk_tokens = c;
+        }
+        if let Some(b) = self.batch_size {
+            e.batch_size = b;
+        }
+        e.offload |= self.offload;
+        grating::RerankOptions {
+            execution: Some(e),
+            ..self.opts.clone()
+        }
+    }
+
+    pub fn run(&self, r: &grating::Reranker) -> grating::Result<grating::RerankOutput> {
+        r.rerank(&self.query, &self.documents, &self.options(r))
+    }
+}
+
 /// `(document index, logit)` of a request's answer, best first.
-pub fn ranked(
-    r: &grating::engine::Reranker,
-    req: &grating::engine::RerankRequest,
-) -> Vec<(usize, f32)> {
-    r.rerank(req, None)
+#[allow(dead_code)]
+pub fn ranked(r: &grating::Reranker, req: &Req) -> Vec<(usize, f32)> {
+    req.run(r)
         .unwrap()
         .ranked
         .iter()
