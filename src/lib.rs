@@ -17,11 +17,14 @@
 
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-pub mod engine;
+pub(crate) mod engine;
 pub mod error;
 pub mod eval;
 pub mod memory;
-pub mod models;
+pub(crate) mod models;
+/// The tensor operations, public only so the GPU kernel tests (`tests/gpu.rs`) can check each
+/// kernel against candle's generic path; not part of the API.
+#[doc(hidden)]
 pub mod ops;
 pub mod prune;
 pub mod reranker;
@@ -29,14 +32,33 @@ pub mod reranker;
 pub mod server;
 pub mod synth;
 pub mod tokenize;
-pub mod weights;
+pub(crate) mod weights;
 
 /// No sequence may exceed this many tokens, whatever the model or flags say: it bounds the
 /// rotary tables and the attention scratch.
 pub const HARD_MAX_TOKENS: usize = 32 * 1024;
 
+/// The shared pass's step policies and counters (for [`SharedOptions::policy`] and
+/// [`SharedReranker::counters`]).
+pub mod scheduler {
+    pub use crate::engine::scheduler::policy::{
+        plan_step, predict_next_layer, Rank, StepCandidate, StepPlan,
+    };
+    pub use crate::engine::scheduler::{
+        Counters, QueueOrder, RankedPolicy, StepPolicy, DEFAULT_CACHED_LAYERS,
+        DEFAULT_STARVE_AFTER_STEPS, DEFAULT_STEP_TOKENS,
+    };
+}
+
+pub use engine::budget::parse_size;
 pub use engine::scheduler::{QueueOrder, RankedPolicy, StepPolicy};
-pub use engine::{sigmoid, Mode, Progress, RequestStats, RerankOutput, Scored, WeightsMode};
+pub use engine::stats::LayerTiming;
+pub use engine::{
+    sigmoid, Mode, Progress, RequestStats, RerankOutput, Scored, WeightsMode, DEFAULT_CHUNK_TOKENS,
+};
+pub use models::{ModelInfo, ScoreKind};
+pub use prune::PruneEvent;
+pub use weights::ModelFiles;
 pub use error::{GratingError, Result};
 pub use prune::{PruneConfig, PruneMode};
 pub use reranker::{

@@ -26,7 +26,7 @@ pub struct ModelArgs {
     pub weights: grating::WeightsMode,
     /// Peak memory budget, e.g. 512MiB: picks resident or streaming weights, the chunk size and
     /// hidden-state offload so the peak stays under it, or refuses naming the minimum needed.
-    #[arg(long, value_parser = grating::engine::budget::parse_size)]
+    #[arg(long, value_parser = grating::parse_size)]
     pub max_memory: Option<u64>,
     /// Streaming: share of the vocabulary the embedding-row cache may keep (LRU).
     #[arg(long, default_value_t = 0.1)]

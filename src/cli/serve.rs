@@ -30,10 +30,10 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 120.0)]
     pub request_timeout: f64,
     /// Tokens per chunk of one request's hidden states (bounds activation memory).
-    #[arg(long, default_value_t = grating::engine::DEFAULT_CHUNK_TOKENS)]
+    #[arg(long, default_value_t = grating::DEFAULT_CHUNK_TOKENS)]
     pub chunk_tokens: usize,
     /// Tokens one layer step computes, shared by the requests in it (the fairness budget).
-    #[arg(long, default_value_t = grating::engine::scheduler::DEFAULT_STEP_TOKENS)]
+    #[arg(long, default_value_t = grating::scheduler::DEFAULT_STEP_TOKENS)]
     pub step_tokens: usize,
     /// Who gets each layer step first: the request with the least work done so far
     /// (least-attained), with the least work left (shortest-remaining), with the least work
@@ -46,11 +46,11 @@ pub struct ServerArgs {
     pub queue_order: QueueOrder,
     /// Steps a request with work may be passed over before it goes first whatever the queue
     /// order (the starvation guard).
-    #[arg(long, default_value_t = grating::engine::scheduler::DEFAULT_STARVE_AFTER_STEPS)]
+    #[arg(long, default_value_t = grating::scheduler::DEFAULT_STARVE_AFTER_STEPS)]
     pub starve_after_steps: u32,
     /// Layers the scheduler keeps built between steps (streamed or reloaded weights): steps
     /// that alternate between two layers then read neither again.
-    #[arg(long, default_value_t = grating::engine::scheduler::DEFAULT_CACHED_LAYERS)]
+    #[arg(long, default_value_t = grating::scheduler::DEFAULT_CACHED_LAYERS)]
     pub cached_layers: usize,
     /// Run requests one after another instead of sharing layer steps between them.
     #[arg(long)]

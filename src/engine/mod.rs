@@ -28,7 +28,7 @@ use candle_core::{DType, Device};
 use layers::{LayerProvider, LayerSource};
 use request::{ChunkPolicy, RequestRun};
 pub use single::DEFAULT_CHUNK_TOKENS;
-pub use stats::{LayerTiming, RequestStats};
+pub use stats::RequestStats;
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -41,10 +41,6 @@ impl PackedBatch {
         }
     }
 
-    pub fn num_sequences(&self) -> usize {
-        self.layout.spans.len()
-    }
-
     pub fn num_tokens(&self) -> usize {
         self.input_ids.len()
     }
@@ -151,11 +147,6 @@ pub trait RerankModel: Send + Sync {
     fn num_layers(&self) -> usize {
         self.info().num_layers
     }
-
-    /// Runs resident layer `i`.
-    fn forward_layer(&self, i: usize, hidden: &Tensor, batch: &PackedBatch) -> Result<Tensor> {
-        self.layer(i)?.forward(hidden, batch)
-    }
 }
 
 /// Supported `architectures[0]` values of config.json.
@@ -217,12 +208,10 @@ pub fn detect_architecture(config_text: &str) -> Result<(Architecture, String)> 
     Ok((arch, name))
 }
 
-/// How a model is loaded: which dtype and device compute runs in, and whether the layers are
-/// read into memory now (resident) or later, one at a time, by a streaming store.
+/// How a model is loaded: whether the layers are read into memory now (resident) or later, one
+/// at a time, by a streaming store. (Dtype and device are the tensor source's.)
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    pub device: Device,
-    pub dtype: DType,
     pub resident_layers: bool,
     /// Token ids of "yes" and "no" for yes/no heads, from the tokenizer.
     pub yes_no_ids: Option<(u32, u32)>,

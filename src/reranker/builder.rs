@@ -126,8 +126,6 @@ impl RerankerBuilder {
         });
         let weights = resolve_weights(&opts, &index, dtype, &config_text);
         let load = LoadOptions {
-            device: opts.device.clone(),
-            dtype,
             resident_layers: weights == WeightsMode::Resident,
             yes_no_ids: encoder.yes_no_ids,
         };

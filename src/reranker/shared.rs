@@ -67,7 +67,7 @@ impl SharedReranker {
 
     /// The shared pass's counters (steps, sharing, layer loads, time split).
     pub fn counters(&self) -> &Counters {
-        &self.engine.counters()
+        self.engine.counters()
     }
 
     /// Tokenizes the request on the calling thread and queues it; the answer comes through

@@ -13,7 +13,7 @@ pub mod stream;
 use crate::error::{GratingError, Result};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
-pub use pread::{EmbeddingTable, PreadFiles, PreadSource, RowCache};
+pub use pread::{EmbeddingTable, PreadFiles, PreadSource};
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
 use std::collections::HashMap;

@@ -157,14 +157,6 @@ impl EmbeddingTable {
             EmbeddingTable::Cached(c) => c.vocab,
         }
     }
-
-    /// Bytes held in memory now.
-    pub fn resident_bytes(&self) -> usize {
-        match self {
-            EmbeddingTable::Resident(t) => t.elem_count() * t.dtype().size_in_bytes(),
-            EmbeddingTable::Cached(c) => c.resident_bytes(),
-        }
-    }
 }
 
 struct CacheState {
@@ -234,6 +226,7 @@ impl RowCache {
         })
     }
 
+    #[cfg(test)]
     pub fn resident_bytes(&self) -> usize {
         self.state
             .lock()
@@ -242,6 +235,7 @@ impl RowCache {
     }
 
     /// (hits, misses) so far.
+    #[cfg(test)]
     pub fn counters(&self) -> (u64, u64) {
         self.state
             .lock()

@@ -31,8 +31,8 @@
 //! scheduler admits one request at a time in arrival order and runs each whole layer of it in
 //! one step: exactly one request after another (the next one is embedded while it runs).
 
-pub mod admission;
-pub mod pass;
+pub(crate) mod admission;
+pub(crate) mod pass;
 pub mod policy;
 
 use super::layers::LayerSource;
@@ -42,7 +42,7 @@ use crate::prune::PruneConfig;
 use crate::tokenize::EncodedPair;
 use admission::{embedder, EmbedQueue, Holders};
 use pass::Scheduler;
-pub use policy::{QueueOrder, Rank, RankedPolicy, StepPolicy, DEFAULT_STARVE_AFTER_STEPS};
+pub use policy::{QueueOrder, RankedPolicy, StepPolicy, DEFAULT_STARVE_AFTER_STEPS};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::mpsc::Sender;
