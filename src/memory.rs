@@ -50,12 +50,17 @@ mod gpu {
         let ctx = dev.cuda_stream().context().clone();
         ctx.bind_to_thread().ok()?;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: `pool` is a writable CUmemoryPool out-parameter and `cu_device()` the device
+        // of the context made current just above.
         let rc = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
         (rc == sys::CUresult::CUDA_SUCCESS).then_some((pool, ctx))
     }
 
     fn attr(pool: sys::CUmemoryPool, a: sys::CUmemPool_attribute) -> Option<u64> {
         let mut v: u64 = 0;
+        // SAFETY: `pool` is the device's default pool (it lives as long as the context), and
+        // both attributes read here (USED_MEM_HIGH, RESERVED_MEM_HIGH) are cuuint64_t, which
+        // `v` is.
         let rc = unsafe { sys::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut _) };
         (rc == sys::CUresult::CUDA_SUCCESS).then_some(v)
     }
@@ -79,6 +84,8 @@ mod gpu {
     pub fn keep_pool(device: &Device) {
         if let Some((pool, _)) = pool(device) {
             let mut keep: u64 = u64::MAX;
+            // SAFETY: `pool` is the device's default pool; RELEASE_THRESHOLD is a cuuint64_t,
+            // which `keep` is, and the call only reads it.
             unsafe {
                 sys::cuMemPoolSetAttribute(
                     pool,
@@ -97,6 +104,8 @@ mod gpu {
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
             ] {
                 let mut zero: u64 = 0;
+                // SAFETY: `pool` is the device's default pool; both high-water attributes are
+                // cuuint64_t, which `zero` is, and the call only reads it.
                 unsafe { sys::cuMemPoolSetAttribute(pool, a, &mut zero as *mut u64 as *mut _) };
             }
         }

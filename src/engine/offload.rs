@@ -43,8 +43,7 @@ impl SpillFile {
     pub(crate) fn spill(&self, t: &Tensor) -> Result<Hidden> {
         let (rows, dim) = t.dims2()?;
         let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        // SAFETY: f32 has no padding or invalid bit patterns; the byte view lives as long as `v`.
-        let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) };
+        let bytes: &[u8] = bytemuck::cast_slice(&v);
         let at = self.end.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.file.write_all_at(bytes, at)?;
         self.bytes_written
@@ -61,9 +60,7 @@ impl SpillFile {
         device: &Device,
     ) -> Result<Tensor> {
         let mut v = vec![0f32; rows * dim];
-        // SAFETY: as in `spill`, a byte view of an f32 buffer we own.
-        let bytes =
-            unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, v.len() * 4) };
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut v);
         self.file.read_exact_at(bytes, at)?;
         let t = Tensor::from_vec(v, (rows, dim), &Device::Cpu)?;
         let t = if dtype != DType::F32 {

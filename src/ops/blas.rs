@@ -26,6 +26,8 @@ extern "C" {
 }
 
 pub fn set_threads(n: usize) {
-    // SAFETY: plain setter of OpenBLAS' global thread count.
-    unsafe { openblas_set_num_threads(n as i32) }
+    // SAFETY: the declaration above matches OpenBLAS's `void openblas_set_num_threads(int)`;
+    // it takes a plain integer (clamped to i32's range here) and changes only OpenBLAS's own
+    // thread-count state, which it synchronises itself.
+    unsafe { openblas_set_num_threads(n.min(i32::MAX as usize) as i32) }
 }

@@ -266,9 +266,19 @@ pub fn linear(
     bias: Option<&[f32]>,
     c: &mut [f32],
 ) {
-    debug_assert_eq!(a.len(), m * k);
-    debug_assert_eq!(w.len(), n * k);
-    debug_assert_eq!(c.len(), m * n);
+    // Checked in release builds too: the GEMM below reads and writes through raw pointers
+    // sized by these numbers.
+    assert_eq!(a.len(), m * k, "linear: input is not {m}x{k}");
+    assert_eq!(w.len(), n * k, "linear: weight is not {n}x{k}");
+    assert_eq!(c.len(), m * n, "linear: output is not {m}x{n}");
+    assert!(
+        bias.is_none_or(|b| b.len() == n),
+        "linear: bias is not {n} wide"
+    );
+    assert!(
+        [m, n, k].iter().all(|&d| d <= i32::MAX as usize),
+        "linear: {m}x{n}x{k} exceeds BLAS's 32-bit sizes"
+    );
     if m == 0 {
         return;
     }
@@ -285,7 +295,10 @@ pub fn linear(
 
 #[cfg(feature = "openblas")]
 fn sgemm_a_bt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, beta: f32, c: &mut [f32]) {
-    // SAFETY: slices are sized m*k, n*k and m*n (checked by the caller); row-major strides.
+    // SAFETY: `a`, `w` and `c` hold m*k, n*k and m*n floats (asserted in `linear`, the only
+    // caller), which row-major m x k, n x k (read transposed) and m x n matrices with leading
+    // dimensions k, k and n span exactly; the sizes fit i32 (asserted); `c` is the only
+    // mutable borrow, so nothing else reads it during the call.
     unsafe {
         crate::ops::blas::cblas_sgemm(
             crate::ops::blas::ROW_MAJOR,
@@ -308,7 +321,10 @@ fn sgemm_a_bt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, beta: f32, c: 
 
 #[cfg(not(feature = "openblas"))]
 fn sgemm_a_bt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, beta: f32, c: &mut [f32]) {
-    // SAFETY: strides describe the row-major slices sized by the caller.
+    // SAFETY: `a`, `w` and `c` hold m*k, n*k and m*n floats (asserted in `linear`, the only
+    // caller); the strides describe row-major a (row stride k), w read transposed (k x n with
+    // column stride k) and c (row stride n), so every access stays inside its slice, and `c`
+    // is the only mutable borrow.
     unsafe {
         gemm::gemm(
             m,
@@ -355,10 +371,14 @@ impl AttentionShape {
 /// Query rows processed together: bounds the score scratch at ROW_BLOCK x seq_len.
 const ROW_BLOCK: usize = 128;
 
+/// The output pointer shared by [`attention`]'s tasks.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint (row, head) regions of the output.
+// SAFETY: only [`attention`] builds one, over an `out` it borrows mutably for the whole
+// parallel loop; its tasks write disjoint (sequence rows, head) blocks of it (the spans are
+// asserted not to overlap) and nothing reads it until the loop ends.
 unsafe impl Send for SendPtr {}
+// SAFETY: as for `Send`: shared between the tasks only to write disjoint blocks.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
@@ -375,6 +395,29 @@ pub fn attention(qkv: &[f32], seqs: &[(usize, usize)], shape: AttentionShape, ou
     let dh = shape.head_dim;
     let rs = shape.qkv_width();
     let od = shape.out_width();
+    // Checked in release builds too: the tasks below write through a shared raw pointer, so
+    // their blocks must lie inside `out` and must not overlap.
+    assert!(
+        shape.n_kv_heads > 0 && shape.n_heads % shape.n_kv_heads == 0 && dh > 0,
+        "attention: {shape:?} does not group query heads over kv heads"
+    );
+    let rows = qkv.len() / rs;
+    assert!(
+        qkv.len() == rows * rs && out.len() == rows * od,
+        "attention: qkv and out are not {rows} rows"
+    );
+    let mut next = 0;
+    for &(start, len) in seqs {
+        assert!(
+            start >= next,
+            "attention: sequences overlap or are out of order"
+        );
+        next = start + len;
+    }
+    assert!(
+        next <= rows,
+        "attention: sequences run past the {rows} rows"
+    );
     let group = shape.n_heads / shape.n_kv_heads;
     let scale = 1.0 / (dh as f32).sqrt();
     let k_off = shape.n_heads * dh;
@@ -397,8 +440,10 @@ pub fn attention(qkv: &[f32], seqs: &[(usize, usize)], shape: AttentionShape, ou
                 // Causal rows never look past their own position.
                 let cols = if shape.causal { r0 + rb } else { len };
                 scratch.resize(rb * cols, 0.0);
-                // SAFETY: all pointers stay inside `qkv`/`out` for the given strides and sizes;
-                // the output block (rows r0..r0+rb of this sequence, head h) belongs to this task.
+                // SAFETY: `scratch` holds rb x cols floats (resized above); q rows r0..r0 + rb and
+                // k rows 0..cols (cols <= len) of this sequence lie inside `qkv`, since the
+                // sequence's rows start + len do (asserted above), read with row stride rs from
+                // offsets h * dh and k_off + kvh * dh, dh columns each.
                 unsafe {
                     gemm::gemm(
                         rb,
@@ -426,6 +471,11 @@ pub fn attention(qkv: &[f32], seqs: &[(usize, usize)], shape: AttentionShape, ou
                     let valid = if shape.causal { r0 + i + 1 } else { cols };
                     softmax_row(row, scale, valid);
                 }
+                // SAFETY: the destination is rows start + r0 .. start + r0 + rb, columns h * dh ..
+                // h * dh + dh of `out` (stride od), inside `out` because the sequence's rows
+                // are (asserted above), and written by this task alone: tasks differ in
+                // sequence (disjoint rows, asserted) or head (disjoint columns); v rows 0..cols
+                // of the sequence lie inside `qkv`, and `scratch` holds rb x cols floats.
                 unsafe {
                     gemm::gemm(
                         rb,

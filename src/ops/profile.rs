@@ -1,10 +1,11 @@
-//! Opt-in stage timing for accelerators: with `GRATING_STAGE_PROFILE=1` the model code marks
-//! the end of each stage of a layer, the device is synchronised at each mark, and the time
-//! per stage is summed and printed to stderr when the process exits. Kernels run
+//! Opt-in stage timing for accelerators: once [`set_stage_profile`] turns it on, the model code
+//! marks the end of each stage of a layer, the device is synchronised at each mark, and the
+//! time per stage is summed and printed to stderr when the process exits. Kernels run
 //! asynchronously, so without the synchronisation nothing per stage could be measured; with
 //! it the totals are slower than a normal run and only their shares are meaningful.
 
 use candle_core::Tensor;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
@@ -13,9 +14,18 @@ struct Table {
     totals: Vec<(&'static str, f64, u64)>,
 }
 
+/// Off by default: the synchronisation at every mark slows a run down.
+static ON: AtomicBool = AtomicBool::new(false);
+
+/// Turns stage timing on or off for the whole process. Process-wide because the table it fills
+/// is (one report at exit, summed over every model and thread), and because the marks sit in
+/// the model code, far from any per-request setting; every mark reads it, hence an atomic.
+pub fn set_stage_profile(on: bool) {
+    ON.store(on, Ordering::Relaxed);
+}
+
 fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("GRATING_STAGE_PROFILE").is_ok_and(|v| v == "1"))
+    ON.load(Ordering::Relaxed)
 }
 
 fn table() -> &'static Mutex<Table> {
@@ -24,6 +34,9 @@ fn table() -> &'static Mutex<Table> {
         extern "C" fn report() {
             print_report();
         }
+        // SAFETY: `report` is an `extern "C" fn()` with no arguments, as atexit expects, and
+        // stays valid for the whole process (a plain function); it only locks the table and
+        // writes to stderr, and a panic in it aborts rather than unwinding into C.
         unsafe { libc::atexit(report) };
         Mutex::new(Table {
             last: None,

@@ -63,6 +63,13 @@ impl GpuLink {
         // Streams are ordered by the events below; cudarc's per-allocation event tracking
         // (which turns on once a second stream exists) would add two events to every tensor
         // candle allocates.
+        // SAFETY: from here on this module orders the two streams itself: a staging device
+        // buffer is allocated on the copy stream and first used there (the upload), the
+        // compute stream reads it only after `await_upload` waits for the upload's event, and
+        // the copy stream rewrites it only after waiting for the `consumed` event recorded on
+        // the compute stream; the tensors copied out of it live on the compute stream alone.
+        // (Not covered: a buffer dropped because the pool is full is freed on the copy stream
+        // without waiting for `consumed`.)
         unsafe { ctx.disable_event_tracking() };
         let copy = ctx.new_stream().map_err(driver)?;
         let link = GpuLink {
@@ -106,8 +113,14 @@ impl GpuLink {
         }
         // Ordinary (cached) page-locked memory: the reader writes it through the page cache
         // copy, which write-combined memory would slow down.
+        // SAFETY: the bytes come back uninitialised; the device copy of them is only read in
+        // the ranges the reader filled through `host_mut` first (each tensor of the layer
+        // plan). (`host_mut` does hand out `&mut [u8]` over bytes never written, which the
+        // reader only writes to.)
         let host = unsafe { self.copy.context().alloc_pinned_with_flags::<u8>(bytes, 0) }
             .map_err(driver)?;
+        // SAFETY: uninitialised until `upload` copies the whole host buffer (the same `bytes`)
+        // into it; tensors are read out of it only after `await_upload`.
         let blob = unsafe { self.copy.alloc::<u8>(bytes) }.map_err(driver)?;
         Ok(GpuStaging {
             buffers: Some(Buffers {
@@ -203,8 +216,9 @@ impl GpuStaging {
     ) -> Result<Tensor> {
         let elems: usize = entry.shape.iter().product();
         let view = self.buffers().blob.slice(offset..offset + entry.byte_len());
-        // The view is only a byte source of a device-to-device copy, so its alignment does
-        // not matter.
+        // SAFETY: `T` is f16, bf16 or f32, for which every bit pattern is a valid value; the
+        // view is only a byte source of a device-to-device copy, so its alignment does not
+        // matter, and `transmute` itself refuses a view shorter than `elems` elements.
         let typed = unsafe { view.transmute::<T>(elems) }
             .ok_or_else(|| GratingError::Internal("staging view shorter than its tensor".into()))?;
         let owned = link.compute.clone_dtod(&typed).map_err(driver)?;
