@@ -33,7 +33,7 @@ fn scores(
         mode: PruneMode::Off,
         ..Default::default()
     });
-    let out = req.run(&r).unwrap();
+    let out = req.run(r).unwrap();
     let mut v = vec![f32::NAN; docs.len()];
     for s in out.ranked {
         v[s.index] = s.logit;

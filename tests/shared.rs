@@ -83,7 +83,7 @@ fn interleaving_is_exact(resident: &Arc<Reranker>, streamed: &Arc<Reranker>, all
             req.opts.top_k = Some(*k);
             req.chunk_tokens = Some(chunk_tokens);
             expected.push(req.run(r).unwrap());
-            pending.push(shared.submit(*q, &req.documents, &req.opts, None).unwrap());
+            pending.push(shared.submit(q, &req.documents, &req.opts, None).unwrap());
         }
         for (i, (p, exp)) in pending.into_iter().zip(&expected).enumerate() {
             let got = p.wait().unwrap();

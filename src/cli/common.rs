@@ -3,6 +3,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use grating::prune::{PruneConfig, PruneMode, DEFAULT_MAX_CLUSTERS, DEFAULT_SSE_RATIO};
+use grating::reranker::GpuPath;
 use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone)]
@@ -80,8 +81,11 @@ impl ModelArgs {
             profile_dir: self.profile_dir.clone(),
             spill_dir: self.spill_dir.clone(),
             read_threads: self.read_threads,
-            generic_gpu_paths: self.gpu_generic.clone(),
-            stage_profile: self.stage_profile,
+            generic_gpu_paths: match &self.gpu_generic {
+                Some(list) => Some(GpuPath::parse_list(list).map_err(|e| anyhow::anyhow!(e))?),
+                None => None,
+            },
+            stage_profile: Some(self.stage_profile),
             ..Default::default()
         })
     }

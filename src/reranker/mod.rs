@@ -17,7 +17,7 @@ mod process;
 mod shared;
 
 pub use builder::RerankerBuilder;
-pub use options::{EngineOptions, Execution, RerankOptions};
+pub use options::{EngineOptions, Execution, GpuPath, RerankOptions};
 pub use shared::{Pending, SharedOptions, SharedReranker};
 
 use crate::engine::{budget, Engine, Progress, RequestStats, RerankOutput, WeightsMode};

@@ -4,6 +4,7 @@
 
 use crate::engine::{Grouping, Mode, WeightsMode, DEFAULT_CHUNK_TOKENS};
 use crate::error::{GratingError, Result};
+pub use crate::ops::GpuPath;
 use crate::prune::PruneConfig;
 use crate::tokenize::Truncation;
 use candle_core::{DType, Device};
@@ -180,12 +181,12 @@ pub struct EngineOptions {
     pub spill_dir: Option<PathBuf>,
     /// Threads reading a streamed layer bound for a GPU (`None`: up to 4).
     pub read_threads: Option<usize>,
-    /// GPU paths to run on candle's generic kernels instead of grating's, as a list such as
-    /// `gemm,attention,norm` or `all` (process-wide; for comparisons).
-    pub generic_gpu_paths: Option<String>,
+    /// GPU paths to run on candle's generic kernels instead of grating's (process-wide; for
+    /// comparisons). `None` leaves the process's choice as it is (grating's kernels).
+    pub generic_gpu_paths: Option<Vec<GpuPath>>,
     /// Synchronise after each stage of a layer and report stage times at exit (process-wide;
-    /// for profiling accelerators).
-    pub stage_profile: bool,
+    /// for profiling accelerators). `None` leaves it as it is (off).
+    pub stage_profile: Option<bool>,
 }
 
 impl Default for EngineOptions {
@@ -206,7 +207,7 @@ impl Default for EngineOptions {
             spill_dir: None,
             read_threads: None,
             generic_gpu_paths: None,
-            stage_profile: false,
+            stage_profile: None,
         }
     }
 }

@@ -10,5 +10,11 @@ pub(super) fn apply(opts: &EngineOptions) -> Result<()> {
     if let Some(n) = opts.threads {
         crate::ops::set_threads(n);
     }
+    if let Some(paths) = &opts.generic_gpu_paths {
+        crate::ops::set_generic_gpu_paths(paths);
+    }
+    if let Some(on) = opts.stage_profile {
+        crate::ops::set_stage_profile(on);
+    }
     Ok(())
 }

@@ -247,7 +247,7 @@ const EMBED_PASSES: u32 = 64;
 
 /// What waits on the embedder thread.
 enum Waiting {
-    Job(Embedding),
+    Job(Box<Embedding>),
     CancelAll,
 }
 
@@ -276,7 +276,7 @@ impl EmbedQueue {
 
     fn push(&mut self, msg: Msg) {
         let w = match msg {
-            Msg::Job(job, submitted) => Waiting::Job(Embedding::new(job, submitted)),
+            Msg::Job(job, submitted) => Waiting::Job(Box::new(Embedding::new(job, submitted))),
             Msg::CancelAll => Waiting::CancelAll,
         };
         self.waiting.push_back((w, 0));
@@ -312,7 +312,7 @@ impl EmbedQueue {
 
     /// Returns a job with chunks left to its place (keeping arrival order for ties) and its
     /// passes (a job that waited long enough to go first keeps going first).
-    fn put_back(&mut self, place: usize, e: Embedding, passed: u32) {
+    fn put_back(&mut self, place: usize, e: Box<Embedding>, passed: u32) {
         let place = place.min(self.waiting.len());
         self.waiting.insert(place, (Waiting::Job(e), passed));
     }
