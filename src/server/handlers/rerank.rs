@@ -112,8 +112,9 @@ async fn cohere(
         (status = 400, description = "Malformed JSON, empty query or documents", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 413, description = "Too many documents, body too large, or an over-long document with truncation off", body = ErrorBody),
-        (status = 422, description = "Wrong field types", body = ErrorBody),
+        (status = 422, description = "Wrong field types, or top_n 0", body = ErrorBody),
         (status = 429, description = "Too many concurrent requests", body = ErrorBody),
+        (status = 500, description = "An engine or model fault (error_type names it)", body = ErrorBody),
         (status = 503, description = "Timed out or cancelled by shutdown", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn rerank_v1(
@@ -131,8 +132,9 @@ pub(crate) async fn rerank_v1(
         (status = 400, description = "Malformed JSON, empty query or documents", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 413, description = "Too many documents, body too large", body = ErrorBody),
-        (status = 422, description = "Wrong field types", body = ErrorBody),
+        (status = 422, description = "Wrong field types, or top_n 0", body = ErrorBody),
         (status = 429, description = "Too many concurrent requests", body = ErrorBody),
+        (status = 500, description = "An engine or model fault (error_type names it)", body = ErrorBody),
         (status = 503, description = "Timed out or cancelled by shutdown", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn rerank_v2(
@@ -150,8 +152,9 @@ pub(crate) async fn rerank_v2(
         (status = 400, description = "Malformed JSON, empty query or texts", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key", body = ErrorBody),
         (status = 413, description = "Too many texts, body too large, or an over-long text with truncate=false", body = ErrorBody),
-        (status = 422, description = "Wrong field types", body = ErrorBody),
+        (status = 422, description = "Wrong field types, or top_n 0", body = ErrorBody),
         (status = 429, description = "Too many concurrent requests", body = ErrorBody),
+        (status = 500, description = "An engine or model fault (error_type names it)", body = ErrorBody),
         (status = 503, description = "Timed out or cancelled by shutdown", body = ErrorBody)),
     security(("bearer" = [])))]
 pub(crate) async fn rerank_tei(
