@@ -56,13 +56,13 @@ pub use engine::stats::LayerTiming;
 pub use engine::{
     sigmoid, Mode, Progress, RequestStats, RerankOutput, Scored, WeightsMode, DEFAULT_CHUNK_TOKENS,
 };
+pub use error::{GratingError, Result};
 pub use models::{ModelInfo, ScoreKind};
 pub use prune::PruneEvent;
-pub use weights::ModelFiles;
-pub use error::{GratingError, Result};
 pub use prune::{PruneConfig, PruneMode};
 pub use reranker::{
     EngineOptions, Execution, Pending, RerankOptions, Reranker, RerankerBuilder, SharedOptions,
     SharedReranker,
 };
 pub use tokenize::Truncation;
+pub use weights::ModelFiles;

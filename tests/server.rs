@@ -4,9 +4,9 @@
 
 mod common;
 
-use common::Req;
+use common::{assert_error, Req};
 use grating::prune::PruneConfig;
-use grating::server::client::{get, post_json, request, HttpResponse};
+use grating::server::client::{get, post_json, request};
 use grating::server::{RunningServer, ServerConfig};
 use grating::{sigmoid, EngineOptions, Mode, Reranker};
 use serde_json::{json, Value};
@@ -64,16 +64,6 @@ fn shared_server() -> Option<SocketAddr> {
         Some((leaked.addr, leaked))
     })
     .map(|(a, _)| a)
-}
-
-fn assert_error(r: &HttpResponse, status: u16, error_type: &str) {
-    assert_eq!(r.status, status, "body: {}", r.text());
-    let v = r
-        .json()
-        .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {}", r.text()));
-    assert_eq!(v["error_type"], error_type, "{v}");
-    assert!(v["error"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
-    assert!(r.header("x-request-id").is_some());
 }
 
 fn alone(query: &str, docs: &[String], top_n: Option<usize>) -> Vec<(usize, f32)> {

@@ -30,7 +30,7 @@ pub struct CohereRequest {
     pub query: String,
     pub documents: Vec<DocumentInput>,
     /// K: how many results to return, best first. It is the K that pruning works against;
-    /// without it (or with 0) every document is scored and returned.
+    /// without it every document is scored and returned; 0 is refused (422).
     #[serde(default)]
     pub top_n: Option<usize>,
     /// Include each document's text in its result (default false).
@@ -128,7 +128,8 @@ pub struct TeiRequest {
     pub truncate: Option<bool>,
     #[serde(default)]
     pub truncation_direction: TruncationDirection,
-    /// grating extension: K for pruning; without it every text is scored (TEI's behaviour).
+    /// grating extension: K for pruning; without it every text is scored (TEI's behaviour);
+    /// 0 is refused (422).
     #[serde(default)]
     pub top_n: Option<usize>,
 }

@@ -1,6 +1,6 @@
 //! The one error shape every endpoint answers with: `{"error": "...", "error_type": "..."}`,
 //! with a status that tells a client whether retrying can help (4xx: change the request;
-//! 429/503: try again later).
+//! 429/503: try again later; 500: the engine or the model failed, reported and logged).
 
 use crate::error::GratingError;
 use axum::http::StatusCode;
@@ -12,9 +12,11 @@ use utoipa::ToSchema;
 pub struct ErrorBody {
     /// What went wrong, naming the offending field or limit.
     pub error: String,
-    /// A stable machine-readable kind: invalid_json, invalid_request, empty_input,
-    /// too_many_documents, document_too_long, payload_too_large, unauthorized, overloaded,
-    /// timeout, cancelled, not_found, internal.
+    /// A stable machine-readable kind. The request's fault (4xx): invalid_json,
+    /// invalid_request, empty_input, tokenizer, too_many_documents, document_too_long,
+    /// memory_budget, payload_too_large, unauthorized, not_found, method_not_allowed. Retry
+    /// later (429/503): overloaded, timeout, cancelled. The server's or the model's fault
+    /// (500): internal, non_finite_score, model_files, backend, io.
     pub error_type: String,
 }
 
@@ -54,34 +56,92 @@ impl ApiError {
 }
 
 impl From<GratingError> for ApiError {
+    /// The caller's faults are 4xx (change the request); a shutdown is 503 (retry elsewhere or
+    /// later); everything else is the engine's or the model's fault, a 500 that is logged,
+    /// with the library's stable `error_type` so clients and dashboards can tell faults apart.
     fn from(e: GratingError) -> ApiError {
         let msg = e.to_string();
-        match e {
-            GratingError::InvalidInput(_) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", msg)
-            }
-            GratingError::LimitExceeded(_) => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "document_too_long", msg)
-            }
-            GratingError::MemoryBudget(_) => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "memory_budget", msg)
-            }
-            GratingError::Tokenizer(_) => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "tokenizer", msg)
-            }
-            GratingError::Cancelled(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled", msg)
-            }
-            _ => {
-                tracing::error!(error = %msg, "internal error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg)
-            }
+        if e.is_client_error() {
+            let (status, error_type) = match e {
+                // Over-long documents are the only length limit a request can exceed here.
+                GratingError::LimitExceeded(_) => {
+                    (StatusCode::PAYLOAD_TOO_LARGE, "document_too_long")
+                }
+                GratingError::MemoryBudget(_) => (StatusCode::PAYLOAD_TOO_LARGE, e.error_type()),
+                _ => (StatusCode::UNPROCESSABLE_ENTITY, e.error_type()),
+            };
+            return ApiError::new(status, error_type, msg);
         }
+        if let GratingError::Cancelled(_) = e {
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.error_type(), msg);
+        }
+        let error_type = e.error_type();
+        tracing::error!(error = %msg, error_type, "engine fault");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error_type, msg)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, axum::Json(self.body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapped(e: GratingError) -> (u16, String) {
+        let a = ApiError::from(e);
+        (a.status.as_u16(), a.body.error_type)
+    }
+
+    #[test]
+    fn client_errors_are_4xx_and_engine_faults_5xx() {
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            mapped(GratingError::InvalidInput(s("x"))),
+            (422, s("invalid_request"))
+        );
+        assert_eq!(
+            mapped(GratingError::LimitExceeded(s("x"))),
+            (413, s("document_too_long"))
+        );
+        assert_eq!(
+            mapped(GratingError::MemoryBudget(s("x"))),
+            (413, s("memory_budget"))
+        );
+        assert_eq!(
+            mapped(GratingError::Tokenizer(s("x"))),
+            (422, s("tokenizer"))
+        );
+        assert_eq!(
+            mapped(GratingError::Cancelled(s("x"))),
+            (503, s("cancelled"))
+        );
+        assert_eq!(
+            mapped(GratingError::NonFiniteScore { document: 3 }),
+            (500, s("non_finite_score"))
+        );
+        assert_eq!(
+            mapped(GratingError::WeightFile {
+                path: "m.safetensors".into(),
+                reason: s("truncated")
+            }),
+            (500, s("model_files"))
+        );
+        assert_eq!(
+            mapped(GratingError::Config(s("x"))),
+            (500, s("model_files"))
+        );
+        assert_eq!(mapped(GratingError::Internal(s("x"))), (500, s("internal")));
+        assert_eq!(
+            mapped(GratingError::Io(std::io::Error::other("x"))),
+            (500, s("io"))
+        );
+        assert_eq!(
+            mapped(GratingError::Backend(candle_core::Error::Msg(s("x")))),
+            (500, s("backend"))
+        );
     }
 }

@@ -217,3 +217,16 @@ pub fn batch_tolerance() -> f32 {
         _ => 1e-5,
     }
 }
+
+/// Asserts the server's one error shape: `status`, a JSON body with `error_type` and a
+/// non-empty `error`, and the request id header.
+#[cfg(feature = "server")]
+pub fn assert_error(r: &grating::server::client::HttpResponse, status: u16, error_type: &str) {
+    assert_eq!(r.status, status, "body: {}", r.text());
+    let v = r
+        .json()
+        .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {}", r.text()));
+    assert_eq!(v["error_type"], error_type, "{v}");
+    assert!(v["error"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+    assert!(r.header("x-request-id").is_some());
+}

@@ -1,0 +1,48 @@
+//! The endpoints around reranking: liveness, the server's description, metrics and the API
+//! documentation.
+
+use super::super::api::{Health, Info};
+use super::super::docs;
+use super::super::openapi::ApiDoc;
+use super::super::state::AppState;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use std::sync::Arc;
+use utoipa::OpenApi;
+
+/// Liveness: 200 while the server accepts requests.
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
+pub(crate) async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Model, architecture, layers, limits and mode.
+#[utoipa::path(get, path = "/info", responses((status = 200, body = Info)), security(("bearer" = [])))]
+pub(crate) async fn info(State(st): State<Arc<AppState>>) -> Json<Info> {
+    Json(st.info.clone())
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")), security(("bearer" = [])))]
+pub(crate) async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(st.counters(), st.in_flight()),
+    )
+        .into_response()
+}
+
+pub(crate) async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+pub(crate) async fn docs_page() -> Html<String> {
+    Html(docs::page(&ApiDoc::openapi()))
+}

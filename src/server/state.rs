@@ -1,0 +1,178 @@
+//! What every handler shares, and the server's only contact with the engine: its construction
+//! in [`AppState::new`] and [`AppState::submit`]. Keeping the engine behind these few methods
+//! lets the engine handle change without touching the handlers.
+
+use super::api::{Info, Limits};
+use super::config::ServerConfig;
+use super::metrics::{self, Metrics};
+use super::request::Prepared;
+use crate::engine::scheduler::{Counters, RankedPolicy};
+use crate::engine::{RerankOutput, WeightsMode};
+use crate::prune::PruneMode;
+use crate::reranker::{Pending, RerankOptions, Reranker, SharedOptions, SharedReranker};
+use crate::tokenize::EncodedPair;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Semaphore;
+
+/// Shared by all handlers.
+pub struct AppState {
+    engine: SharedReranker,
+    pub(super) cfg: ServerConfig,
+    pub(super) metrics: metrics::Metrics,
+    /// One per rerank request being handled; none left means 429.
+    pub(super) permits: Arc<Semaphore>,
+    max_doc_tokens: usize,
+    pub(super) info: Info,
+}
+
+impl AppState {
+    /// Starts the engine's scheduler for `reranker`.
+    pub fn new(reranker: Arc<Reranker>, cfg: ServerConfig) -> crate::Result<Arc<AppState>> {
+        let model_max = reranker.info().max_length;
+        let max_doc_tokens = cfg.max_tokens_per_doc.unwrap_or(model_max).min(model_max);
+        let engine = SharedReranker::new(
+            reranker.clone(),
+            SharedOptions {
+                layer_sharing: cfg.layer_sharing,
+                policy: Arc::new(RankedPolicy {
+                    order: cfg.queue_order.clone(),
+                    starve_after_steps: cfg.starve_after_steps.max(1),
+                }),
+                step_tokens: cfg.step_tokens,
+                max_active: cfg.max_concurrent_requests.max(1),
+                cached_layers: cfg.cached_layers.max(1),
+                chunk_tokens: cfg.chunk_tokens,
+                reload_layers: cfg.reload_layers,
+            },
+        )?;
+        let info = describe(&reranker, &cfg, max_doc_tokens);
+        Ok(Arc::new(AppState {
+            engine,
+            permits: Arc::new(Semaphore::new(cfg.max_concurrent_requests.max(1))),
+            cfg,
+            metrics: Metrics::default(),
+            max_doc_tokens,
+            info,
+        }))
+    }
+
+    pub fn engine(&self) -> &SharedReranker {
+        &self.engine
+    }
+
+    /// Tokenizes a request under the server's and the request's length limits. It blocks (the
+    /// tokenizer is synchronous), so callers run it on the blocking pool. The documents come
+    /// back with the pairs because the handlers echo them in their answers.
+    pub(super) fn encode(&self, p: Prepared) -> crate::Result<(Vec<EncodedPair>, Vec<String>)> {
+        let r = self.engine.reranker();
+        let max_length = p.max_length(
+            self.max_doc_tokens,
+            |q| r.count_tokens(q).unwrap_or(0),
+            r.template_tokens(),
+        );
+        let opts = RerankOptions {
+            max_length: Some(max_length),
+            truncate: p.truncate,
+            truncation: p.truncation,
+            ..Default::default()
+        };
+        let pairs = r.encode(&p.query, &p.documents, &opts)?;
+        Ok((pairs, p.documents))
+    }
+
+    /// Hands tokenized pairs to the engine with the server's chunking and pruning settings.
+    /// Dropping the answer before it arrives (the client went away, the deadline passed)
+    /// cancels the request, so the engine stops spending steps on it.
+    pub(super) fn submit(
+        &self,
+        pairs: Vec<EncodedPair>,
+        k: usize,
+        deadline: Instant,
+        tokenize_seconds: f64,
+    ) -> Pending {
+        self.engine.submit_encoded(
+            pairs,
+            k,
+            self.cfg.prune.clone(),
+            Some(deadline),
+            tokenize_seconds,
+        )
+    }
+
+    pub(super) fn counters(&self) -> &Counters {
+        self.engine.counters()
+    }
+
+    /// Rerank requests being handled now (their permits are taken).
+    pub(super) fn in_flight(&self) -> usize {
+        self.cfg.max_concurrent_requests.max(1) - self.permits.available_permits()
+    }
+
+    /// Answers every queued and running request with `Cancelled` (the shutdown grace is over).
+    pub(super) fn cancel_all(&self) {
+        self.engine.cancel_all();
+    }
+
+    /// Lets the admitted and queued requests finish, then stops the engine's threads; blocks.
+    pub(super) fn stop_engine(&self) {
+        self.engine.shutdown();
+    }
+}
+
+/// The engine's answer, or `None` when `deadline` passed first (dropping `pending` then
+/// cancels the request).
+pub(super) async fn wait_until(
+    pending: Pending,
+    deadline: Instant,
+) -> Option<crate::Result<RerankOutput>> {
+    tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), pending)
+        .await
+        .ok()
+}
+
+/// The `/info` answer, fixed for the server's lifetime.
+fn describe(reranker: &Reranker, cfg: &ServerConfig, max_doc_tokens: usize) -> Info {
+    let mi = reranker.info();
+    Info {
+        model: reranker.model_id().to_string(),
+        architecture: mi.architecture.clone(),
+        num_layers: mi.num_layers,
+        hidden_size: mi.hidden_size,
+        max_length: mi.max_length,
+        score_kind: serde_json::to_value(mi.score_kind)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
+        mode: "grating".into(),
+        pruning: match cfg.prune.mode {
+            PruneMode::Off => "off",
+            PruneMode::TopK => "top-k",
+            PruneMode::ExactOrder => "exact-order",
+        }
+        .into(),
+        layer_sharing: cfg.layer_sharing,
+        queue_order: cfg.queue_order.clone(),
+        step_tokens: cfg.step_tokens,
+        cached_layers: cfg.cached_layers,
+        starve_after_steps: cfg.starve_after_steps,
+        chunk_tokens: cfg.chunk_tokens,
+        weights: if cfg.reload_layers {
+            "reload"
+        } else if reranker.weights_mode() == WeightsMode::Stream {
+            "stream"
+        } else {
+            "resident"
+        }
+        .into(),
+        limits: Limits {
+            max_documents: cfg.max_documents,
+            max_tokens_per_doc: max_doc_tokens,
+            max_body_bytes: cfg.max_body_bytes,
+            max_concurrent_requests: cfg.max_concurrent_requests,
+            request_timeout_seconds: cfg.request_timeout.as_secs_f64(),
+        },
+        auth: cfg.api_key.is_some(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}

@@ -1,0 +1,436 @@
+//! The rerank server on the committed tiny XLM-R fixture, so these run on every machine
+//! (no `../shared` needed): each endpoint answers in its shape, bad requests get 4xx JSON errors
+//! without stopping the server, `top_n: 0` is refused, and a fault of the engine's weight file
+//! is a 5xx, never blamed on the caller.
+
+mod common;
+
+use common::{assert_error, Req};
+use grating::server::client::{get, post_json, request};
+use grating::server::{RunningServer, ServerConfig};
+use grating::{sigmoid, EngineOptions, Reranker, WeightsMode};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+const FIXTURE: &str = "xlm-roberta-tiny";
+
+fn load(dir: &Path, opts: &EngineOptions) -> Arc<Reranker> {
+    Arc::new(Reranker::load(dir.to_str().unwrap(), opts).expect("load the fixture model"))
+}
+
+fn reranker() -> Arc<Reranker> {
+    static R: OnceLock<Arc<Reranker>> = OnceLock::new();
+    R.get_or_init(|| load(&common::fixture(FIXTURE), &EngineOptions::default()))
+        .clone()
+}
+
+/// The server most tests share (started once, never stopped).
+fn server() -> SocketAddr {
+    static S: OnceLock<&'static RunningServer> = OnceLock::new();
+    S.get_or_init(|| {
+        let cfg = ServerConfig {
+            max_documents: 20,
+            max_body_bytes: 64 * 1024,
+            ..Default::default()
+        };
+        let s = RunningServer::start(reranker(), cfg, "127.0.0.1:0", 2).expect("start server");
+        Box::leak(Box::new(s))
+    })
+    .addr
+}
+
+fn documents() -> Vec<String> {
+    common::read_reference(&common::fixture(FIXTURE).join("reference.jsonl"))
+        .into_iter()
+        .map(|r| r.document)
+        .collect()
+}
+
+const QUERY: &str = "what is the boiling point of water";
+
+/// `(index, logit)` of the library's answer, best first.
+fn alone(docs: &[String], top_n: Option<usize>) -> Vec<(usize, f32)> {
+    let mut req = Req::new(QUERY, docs.to_vec());
+    req.opts.top_k = top_n;
+    common::ranked(&reranker(), &req)
+}
+
+fn indices(results: &Value) -> Vec<usize> {
+    results
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["index"].as_u64().unwrap() as usize)
+        .collect()
+}
+
+#[test]
+fn fixture_endpoints_answer_in_each_shape() {
+    let addr = server();
+    let docs = documents();
+    let top3 = alone(&docs, Some(3));
+
+    // Cohere v1: top_n, documents returned, scores the library's, the request id echoed.
+    let r = post_json(
+        addr,
+        "/v1/rerank",
+        &json!({"query": QUERY, "documents": docs, "top_n": 3, "return_documents": true}),
+        &[("x-request-id", "fixture-1")],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-request-id"), Some("fixture-1"));
+    let v = r.json().unwrap();
+    assert_eq!(v["id"], "fixture-1");
+    assert_eq!(v["meta"]["api_version"]["version"], "1");
+    assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    let res = v["results"].as_array().unwrap();
+    assert_eq!(res.len(), 3);
+    for (got, (idx, logit)) in res.iter().zip(&top3) {
+        assert_eq!(got["index"].as_u64().unwrap() as usize, *idx);
+        let s = got["relevance_score"].as_f64().unwrap() as f32;
+        assert!((s - sigmoid(*logit)).abs() < 1e-6, "{s} vs {logit}");
+        assert_eq!(got["document"]["text"], docs[*idx]);
+    }
+
+    // Cohere v2: {"text"} objects; without top_n every document, sorted, none echoed.
+    let objs: Vec<Value> = docs.iter().map(|d| json!({"text": d})).collect();
+    let r = post_json(
+        addr,
+        "/v2/rerank",
+        &json!({"query": QUERY, "documents": objs}),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json().unwrap();
+    assert_eq!(v["meta"]["api_version"]["version"], "2");
+    let all = alone(&docs, None);
+    assert_eq!(
+        indices(&v["results"]),
+        all.iter().map(|e| e.0).collect::<Vec<_>>()
+    );
+    assert!(v["results"][0].get("document").is_none());
+
+    // TEI: a bare sorted array with raw logits and texts on request.
+    let r = post_json(
+        addr,
+        "/rerank",
+        &json!({"query": QUERY, "texts": docs, "raw_scores": true, "return_text": true, "top_n": 2}),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json().unwrap();
+    let arr = v.as_array().unwrap();
+    assert_eq!(arr.len(), 2);
+    for (got, (idx, logit)) in arr.iter().zip(&top3) {
+        assert_eq!(got["index"].as_u64().unwrap() as usize, *idx);
+        assert!((got["score"].as_f64().unwrap() as f32 - logit).abs() < 1e-5);
+        assert_eq!(got["text"], docs[*idx]);
+    }
+
+    // The endpoints around reranking.
+    let h = get(addr, "/health", &[]).unwrap();
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json().unwrap()["status"], "ok");
+    let info = get(addr, "/info", &[]).unwrap().json().unwrap();
+    assert!(
+        info["architecture"]
+            .as_str()
+            .unwrap()
+            .contains("XLMRoberta"),
+        "{info}"
+    );
+    assert_eq!(info["num_layers"], 3);
+    assert_eq!(info["weights"], "resident");
+    assert_eq!(info["limits"]["max_documents"], 20);
+    let m = get(addr, "/metrics", &[]).unwrap();
+    assert_eq!(m.status, 200);
+    assert!(m
+        .text()
+        .contains("grating_requests_total{endpoint=\"/v1/rerank\",status=\"200\"}"));
+    let spec = get(addr, "/openapi.json", &[]).unwrap().json().unwrap();
+    for p in ["/v1/rerank", "/v2/rerank", "/rerank", "/health", "/info"] {
+        assert!(spec["paths"][p].is_object(), "spec lacks {p}");
+    }
+    assert!(spec["paths"]["/v1/rerank"]["post"]["responses"]["500"].is_object());
+    let d = get(addr, "/docs", &[]).unwrap();
+    assert_eq!(d.status, 200);
+    assert!(d.text().contains("/v1/rerank"));
+}
+
+#[test]
+fn fixture_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving() {
+    let addr = server();
+    let ct = [("Content-Type", "application/json")];
+    let raw = |body: &str| request(addr, "POST", "/v1/rerank", &ct, Some(body.as_bytes())).unwrap();
+    assert_error(
+        &raw("{\"query\": \"q\", \"documents\": [\"a\""),
+        400,
+        "invalid_json",
+    );
+    assert_error(&raw(""), 400, "invalid_json");
+    assert_error(
+        &raw("{\"query\": 5, \"documents\": [\"a\"]}"),
+        422,
+        "invalid_request",
+    );
+    assert_error(&raw("{\"documents\": [\"a\"]}"), 422, "invalid_request");
+    assert_error(
+        &raw("{\"query\": \"q\", \"documents\": [\"a\"], \"top_n\": -1}"),
+        422,
+        "invalid_request",
+    );
+    assert_error(
+        &raw("{\"query\": \"q\", \"documents\": []}"),
+        400,
+        "empty_input",
+    );
+    assert_error(
+        &raw("{\"query\": \" \", \"documents\": [\"a\"]}"),
+        400,
+        "empty_input",
+    );
+    let many: Vec<String> = (0..21).map(|i| format!("doc {i}")).collect();
+    assert_error(
+        &post_json(
+            addr,
+            "/v1/rerank",
+            &json!({"query": "q", "documents": many}),
+            &[],
+        )
+        .unwrap(),
+        413,
+        "too_many_documents",
+    );
+    let huge = "word ".repeat(20_000);
+    assert_error(
+        &post_json(
+            addr,
+            "/v1/rerank",
+            &json!({"query": "q", "documents": [huge]}),
+            &[],
+        )
+        .unwrap(),
+        413,
+        "payload_too_large",
+    );
+    let long = "water boils at sea level ".repeat(100);
+    let tei = |body: Value| post_json(addr, "/rerank", &body, &[]).unwrap();
+    assert_error(
+        &tei(json!({"query": "q", "texts": [long], "truncate": false})),
+        413,
+        "document_too_long",
+    );
+    assert_error(
+        &tei(json!({"query": "q", "texts": "abc"})),
+        422,
+        "invalid_request",
+    );
+    assert_error(&get(addr, "/v3/rerank", &[]).unwrap(), 404, "not_found");
+    assert_error(
+        &get(addr, "/v1/rerank", &[]).unwrap(),
+        405,
+        "method_not_allowed",
+    );
+
+    // K = 0 is refused in every shape, with a message that says how to ask for all.
+    for (path, body) in [
+        (
+            "/v1/rerank",
+            json!({"query": "q", "documents": ["a", "b"], "top_n": 0}),
+        ),
+        (
+            "/v2/rerank",
+            json!({"query": "q", "documents": [{"text": "a"}], "top_n": 0}),
+        ),
+        (
+            "/rerank",
+            json!({"query": "q", "texts": ["a", "b"], "top_n": 0}),
+        ),
+    ] {
+        let r = post_json(addr, path, &body, &[]).unwrap();
+        assert_error(&r, 422, "invalid_request");
+        let msg = r.json().unwrap()["error"].as_str().unwrap().to_string();
+        assert!(
+            msg.contains("top_n") && msg.contains("omit"),
+            "{path}: {msg}"
+        );
+    }
+
+    // Still serving; the long text is cut when truncation is on (the default).
+    assert_eq!(tei(json!({"query": "q", "texts": [long]})).status, 200);
+    let r = post_json(
+        addr,
+        "/v1/rerank",
+        &json!({"query": "q", "documents": ["a", "b"], "top_n": 1}),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().unwrap()["results"].as_array().unwrap().len(), 1);
+}
+
+/// A copy of the fixture in a fresh temporary directory, removed on drop.
+struct TempModel(std::path::PathBuf);
+
+impl TempModel {
+    fn new() -> TempModel {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "grating-server-fault-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(common::fixture(FIXTURE)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        TempModel(dir)
+    }
+}
+
+impl Drop for TempModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Where the layers' bytes begin in a safetensors file: cutting it there leaves the embeddings
+/// and the head readable, so only layer reads fail.
+fn first_layer_byte(file: &Path) -> u64 {
+    let bytes = std::fs::read(file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    let header: Value = serde_json::from_slice(&bytes[8..8 + header_len as usize]).unwrap();
+    let (mut layers_start, mut others_end) = (u64::MAX, 0);
+    for (name, t) in header.as_object().unwrap() {
+        let Some(offsets) = t["data_offsets"].as_array() else {
+            continue; // __metadata__
+        };
+        let (start, end) = (offsets[0].as_u64().unwrap(), offsets[1].as_u64().unwrap());
+        if name.contains(".layer.") {
+            layers_start = layers_start.min(start);
+        } else {
+            others_end = others_end.max(end);
+        }
+    }
+    assert!(others_end <= layers_start, "the layers are not stored last");
+    8 + header_len + layers_start
+}
+
+/// Serves a streamed copy of the fixture, answers one request, cuts the copy's weight file to
+/// `cut(file)` bytes in place (the server's open descriptor then reads past its end), and checks
+/// that rerank requests get a 500 naming the file while everything else keeps working. Returns
+/// the error bodies.
+fn fault_after_cutting_weights(cut: impl Fn(&Path) -> u64) -> Vec<Value> {
+    let model = TempModel::new();
+    let weights = model.0.join("model.safetensors");
+    let streamed = load(
+        &model.0,
+        &EngineOptions {
+            weights: WeightsMode::Stream,
+            ..Default::default()
+        },
+    );
+    // One cached layer: the read-ahead and the cache together hold fewer layers than the model
+    // has, so a request after the damage must read a layer from the file.
+    let cfg = ServerConfig {
+        cached_layers: 1,
+        ..Default::default()
+    };
+    let server = RunningServer::start(streamed, cfg, "127.0.0.1:0", 2).expect("start server");
+    let addr = server.addr;
+    let body = json!({"query": QUERY, "documents": documents(), "top_n": 2});
+    let ok = post_json(addr, "/v1/rerank", &body, &[]).unwrap();
+    assert_eq!(
+        ok.status,
+        200,
+        "the intact copy should serve: {}",
+        ok.text()
+    );
+    assert_eq!(
+        get(addr, "/info", &[]).unwrap().json().unwrap()["weights"],
+        "stream"
+    );
+
+    let len = cut(&weights);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+
+    let mut errors = Vec::new();
+    for attempt in 0..2 {
+        let r = post_json(addr, "/v1/rerank", &body, &[]).unwrap();
+        assert_eq!(
+            r.status,
+            500,
+            "attempt {attempt}: a damaged weight file is the server's fault: {}",
+            r.text()
+        );
+        let v = r
+            .json()
+            .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {}", r.text()));
+        eprintln!("attempt {attempt}: {v}");
+        let kind = v["error_type"].as_str().unwrap();
+        assert!(
+            ["internal", "model_files", "io", "backend"].contains(&kind),
+            "attempt {attempt}: unexpected error_type {kind:?}: {v}"
+        );
+        assert!(
+            v["error"].as_str().unwrap().contains("model.safetensors"),
+            "the error should name the damaged file: {v}"
+        );
+        assert!(r.header("x-request-id").is_some());
+        errors.push(v);
+    }
+
+    // Liveness, the rest of the API and the request checks are unaffected.
+    let h = get(addr, "/health", &[]).unwrap();
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json().unwrap()["status"], "ok");
+    assert_error(
+        &post_json(
+            addr,
+            "/v1/rerank",
+            &json!({"query": "q", "documents": []}),
+            &[],
+        )
+        .unwrap(),
+        400,
+        "empty_input",
+    );
+    let metrics = get(addr, "/metrics", &[]).unwrap().text();
+    assert!(
+        metrics.contains("grating_requests_total{endpoint=\"/v1/rerank\",status=\"500\"}"),
+        "{metrics}"
+    );
+    server.stop().unwrap();
+    errors
+}
+
+/// The layer reads of a running server fail (the file is cut where the layers begin).
+#[test]
+fn fixture_failed_layer_read_is_a_5xx_and_the_server_keeps_serving() {
+    let errors = fault_after_cutting_weights(first_layer_byte);
+    for v in errors {
+        assert!(v["error"].as_str().unwrap().contains("layer"), "{v}");
+    }
+}
+
+/// Every weight read fails, the embedding rows' too (the file is cut to nothing).
+#[test]
+fn fixture_emptied_weight_file_is_a_5xx_and_the_server_keeps_serving() {
+    let errors = fault_after_cutting_weights(|_| 0);
+    for v in errors {
+        assert_eq!(v["error_type"], "model_files", "{v}");
+    }
+}
