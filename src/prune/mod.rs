@@ -257,3 +257,6 @@ mod tests {
         assert_eq!(dispersion(&[3.0]), 0.0);
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -259,3 +259,6 @@ impl Drop for SharedEngine {
         self.shutdown();
     }
 }
+
+#[cfg(test)]
+mod policy_props;
