@@ -6,11 +6,11 @@
 //! The layout follows the path of a request:
 //! - [`reranker`]: the front door (builder, options, the shared reranker);
 //! - [`tokenize`]: (query, document) pairs or a decoder's prompt -> token ids;
-//! - [`engine`]: a request's state machine, the single-request loop, the shared scheduler,
+//! - `engine` (internal): a request's state machine, the single-request loop, the shared scheduler,
 //!   full inference (the baseline) and the layer provider that owns residency;
 //! - [`prune`]: dispersion, optimal 1-D clustering and the accept/drop rule;
-//! - [`models`]: one file per architecture behind a layer-wise API (embed, layer, head);
-//! - [`weights`]: locating, indexing and reading safetensors weights (the weight store);
+//! - `models` (internal): one file per architecture behind a layer-wise API (embed, layer, head);
+//! - `weights` (internal): locating, indexing and reading safetensors weights (the weight store);
 //! - [`ops`]: the tensor operations the model files are written in;
 //! - [`eval`]: BM25 candidates, TREC DL metrics; [`synth`]: random-weight models for tests;
 //! - `server` (feature `server`): the HTTP front end, which only translates.

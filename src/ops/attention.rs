@@ -116,7 +116,7 @@ fn attention_flash(qkv: &Tensor, layout: &SeqLayout, shape: AttentionShape) -> C
 const BUCKET_PAD_SHARE: f64 = 0.125;
 
 /// Splits packed sequences (in row order) into contiguous runs whose lengths are close enough
-/// that padding each run to its longest member wastes at most [`BUCKET_PAD_SHARE`]. Candidates
+/// that padding each run to its longest member wastes at most `BUCKET_PAD_SHARE`. Candidates
 /// arrive sorted by length, so runs are long and padding is near zero.
 pub fn length_buckets(spans: &[(usize, usize)]) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();

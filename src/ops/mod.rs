@@ -1,7 +1,7 @@
 //! Tensor-level operations the model files are written in.
 //!
 //! Each op takes candle tensors and picks its implementation: contiguous f32 tensors on the CPU
-//! go to the kernels in [`cpu`] (BLAS GEMMs, vectorised element-wise passes, packed attention),
+//! go to the kernels in `cpu` (BLAS GEMMs, vectorised element-wise passes, packed attention),
 //! anything else (CUDA, Metal, half precision) to candle's generic ops. Model files therefore
 //! stay device-agnostic while the CPU hot path avoids candle's single-threaded generic ops.
 //!

@@ -68,8 +68,8 @@ impl GpuLink {
         // compute stream reads it only after `await_upload` waits for the upload's event, and
         // the copy stream rewrites it only after waiting for the `consumed` event recorded on
         // the compute stream; the tensors copied out of it live on the compute stream alone.
-        // (Not covered: a buffer dropped because the pool is full is freed on the copy stream
-        // without waiting for `consumed`.)
+        // A buffer freed for good (the pool is full) is freed in the copy stream's order after
+        // that stream waits for `consumed` (see `GpuStaging`'s `Drop`).
         unsafe { ctx.disable_event_tracking() };
         let copy = ctx.new_stream().map_err(driver)?;
         let link = GpuLink {
@@ -108,17 +108,21 @@ impl GpuLink {
                 return Ok(GpuStaging {
                     buffers: Some(pool.remove(i)),
                     uploaded: None,
+                    reading: None,
                 });
             }
         }
         // Ordinary (cached) page-locked memory: the reader writes it through the page cache
         // copy, which write-combined memory would slow down.
-        // SAFETY: the bytes come back uninitialised; the device copy of them is only read in
-        // the ranges the reader filled through `host_mut` first (each tensor of the layer
-        // plan). (`host_mut` does hand out `&mut [u8]` over bytes never written, which the
-        // reader only writes to.)
-        let host = unsafe { self.copy.context().alloc_pinned_with_flags::<u8>(bytes, 0) }
+        // SAFETY: the bytes come back uninitialised and are zeroed below before any reference
+        // to them exists.
+        let mut host = unsafe { self.copy.context().alloc_pinned_with_flags::<u8>(bytes, 0) }
             .map_err(driver)?;
+        let start = host.as_mut_ptr().map_err(driver)?;
+        // SAFETY: `start` points to the `bytes` bytes just allocated, which nothing else uses
+        // yet (no copy has been queued out of them). Zeroed once per pooled buffer, so that
+        // `host_mut` never hands out a slice over uninitialised bytes.
+        unsafe { std::ptr::write_bytes(start, 0, bytes) };
         // SAFETY: uninitialised until `upload` copies the whole host buffer (the same `bytes`)
         // into it; tensors are read out of it only after `await_upload`.
         let blob = unsafe { self.copy.alloc::<u8>(bytes) }.map_err(driver)?;
@@ -131,6 +135,7 @@ impl GpuLink {
                 upload_done: None,
             }),
             uploaded: None,
+            reading: None,
         })
     }
 }
@@ -141,14 +146,38 @@ pub struct GpuStaging {
     buffers: Option<Buffers>,
     /// Recorded on the copy stream after the upload.
     uploaded: Option<CudaEvent>,
+    /// The compute stream, from `await_upload` until `release`: reads of the device buffer
+    /// may be queued on it.
+    reading: Option<Arc<CudaStream>>,
 }
 
 impl Drop for GpuStaging {
     fn drop(&mut self) {
-        if let Some(b) = self.buffers.take() {
-            let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < POOL_LIMIT {
-                pool.push(b);
+        let Some(mut b) = self.buffers.take() else {
+            return;
+        };
+        // Dropped between `await_upload` and `release` (building the layer failed): the
+        // reads queued so far still count for whoever writes or frees the buffer next.
+        if let Some(compute) = self.reading.take() {
+            match compute.record_event(None) {
+                Ok(e) => b.consumed = Some(e),
+                Err(_) => {
+                    let _ = compute.synchronize();
+                }
+            }
+        }
+        let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOL_LIMIT {
+            pool.push(b);
+            return;
+        }
+        drop(pool);
+        // Freed for good. The device buffer is freed in its (copy) stream's order, so that
+        // stream first waits for the compute stream's reads; the pinned host buffer waits for
+        // the upload out of it on its own before it is freed.
+        if let Some(e) = &b.consumed {
+            if b.blob.stream().wait(e).is_err() {
+                let _ = e.synchronize();
             }
         }
     }
@@ -199,12 +228,14 @@ impl GpuStaging {
         if let Some(e) = self.uploaded.take() {
             link.compute.wait(&e).map_err(driver)?;
         }
+        self.reading = Some(link.compute.clone());
         Ok(())
     }
 
     /// Marks the device buffer as read by everything queued so far on the compute stream.
     pub fn release(&mut self, link: &GpuLink) -> Result<()> {
         self.buffers_mut().consumed = Some(link.compute.record_event(None).map_err(driver)?);
+        self.reading = None;
         Ok(())
     }
 

@@ -70,7 +70,7 @@ pub struct SharedOptions {
     /// Token budget of one step, shared by the requests in it.
     pub step_tokens: usize,
     /// Requests holding hidden states at once; later arrivals wait to be embedded (in
-    /// [`EmbedQueue`] order).
+    /// `EmbedQueue` order).
     pub max_active: usize,
     /// Layers kept built between steps (at least 1): steps that alternate between requests
     /// at two layers find both without reading either again.

@@ -55,7 +55,7 @@ pub enum Rank {
     /// the most requests.
     MostShared,
     /// Least work left first, except that a request a few layers behind the first one (at most
-    /// [`CATCH_UP_LAYERS`]) whose whole layer fits in the step goes first, so that it catches
+    /// `CATCH_UP_LAYERS`, 4) whose whole layer fits in the step goes first, so that it catches
     /// up and the two then share every later step. A step of a small request costs about one
     /// layer read whoever rides in it, so a short wait of the leader buys the trailing request
     /// all its later steps.
@@ -67,8 +67,8 @@ pub enum Rank {
     /// all of them.
     ShortestUnprunedRemaining,
     /// [`Rank::ShortestUnprunedRemaining`], except that a request of about the first one's
-    /// size (admitted tokens at most [`ALIGN_SIZE_RATIO`] times its) at most
-    /// [`CATCH_UP_LAYERS`] behind it, whose layer fits in the step, goes first and catches up;
+    /// size (admitted tokens at most `ALIGN_SIZE_RATIO`, 1.5, times its) at most
+    /// `CATCH_UP_LAYERS` behind it, whose layer fits in the step, goes first and catches up;
     /// the two then share every later read. Only requests of about the leader's size: a
     /// larger one catching up would make the leader wait for its heavier steps and then ride
     /// in every one of them.
