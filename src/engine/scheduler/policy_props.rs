@@ -571,7 +571,7 @@ proptest! {
             prop_assert!((out.max_wait[r] as u64) < out.steps.max(1));
             if n <= s + 1 {
                 prop_assert!(
-                    out.max_wait[r] as u64 <= s + n - 1,
+                    (out.max_wait[r] as u64) < s + n,
                     "request {} waited {} steps in a row (S = {}, N = {})",
                     r, out.max_wait[r], s, n
                 );
