@@ -392,3 +392,127 @@ fn calibration_writes_a_profile_that_rerank_uses() {
         stderr(&o)
     );
 }
+
+/// `grating calibrate --scores` on a small judged collection written here, with the committed
+/// XLM-R fixture (random weights, so the judgments are made from its own scores: the best
+/// passage of each query is relevant): it fits and saves a rising Platt calibration with a
+/// held-out report, and `rerank` then reports calibrated scores (the ranking unchanged) where it
+/// reported the sigmoid. Judgments that contradict the model are refused, not saved.
+#[test]
+fn calibrated_scores_are_fitted_saved_and_used() {
+    let model = common::fixture("xlm-roberta-tiny");
+    let model = model.to_str().unwrap();
+    let d = tmp("score-calibration");
+    let topics = [
+        ("water", "water boils at one hundred degrees"),
+        ("paris", "paris is the capital of france"),
+        ("panda", "the giant panda eats bamboo"),
+        ("rust", "rust is a systems programming language"),
+        ("moon", "the moon orbits the earth"),
+        ("tea", "green tea comes from camellia leaves"),
+    ];
+    let (mut corpus, mut queries) = (String::new(), Vec::new());
+    for (name, text) in topics {
+        // Every passage shares "about" with every query, so all 12 are BM25 candidates.
+        corpus += &format!("{{\"_id\": \"{name}-a\", \"text\": \"about {name}: {text}\"}}\n");
+        corpus +=
+            &format!("{{\"_id\": \"{name}-b\", \"text\": \"a note about {name} and more\"}}\n");
+        queries.push(format!("what about {name}"));
+    }
+    let corpus_file = d.join("corpus.jsonl");
+    std::fs::write(&corpus_file, &corpus).unwrap();
+    let corpus_file = corpus_file.to_str().unwrap();
+    let rerank = |query: &str, profile_dir: &str| {
+        let o = grating(&[
+            "rerank",
+            "--model",
+            model,
+            "--query",
+            query,
+            "--docs",
+            corpus_file,
+            "--json",
+            "--profile-dir",
+            profile_dir,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["results"].as_array().unwrap().clone()
+    };
+    let none = d.join("no-profiles");
+    let none = none.to_str().unwrap();
+    // Judged collections: every passage judged for every query, the model's best (or, to be
+    // refused, its worst) passage relevant.
+    let judged = |name: &str, pick_best: bool| {
+        let dir = d.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("corpus.jsonl"), &corpus).unwrap();
+        let (mut qs, mut qrels) = (String::new(), String::new());
+        for (t, q) in queries.iter().enumerate() {
+            qs += &format!("{{\"_id\": \"q{t}\", \"text\": \"{q}\"}}\n");
+            let ranked = rerank(q, none);
+            let chosen = if pick_best { 0 } else { ranked.len() - 1 };
+            for (i, r) in ranked.iter().enumerate() {
+                let grade = if i == chosen { 3 } else { 0 };
+                qrels += &format!("q{t}\t{}\t{grade}\n", r["id"].as_str().unwrap());
+            }
+        }
+        std::fs::write(dir.join("queries.jsonl"), qs).unwrap();
+        std::fs::write(dir.join("qrels.tsv"), qrels).unwrap();
+        dir
+    };
+    let profiles = d.join("profiles");
+    let profiles = profiles.to_str().unwrap();
+    let calibrate = |data: &Path| {
+        grating(&[
+            "calibrate",
+            "--scores",
+            "--model",
+            model,
+            "--queries",
+            data.to_str().unwrap(),
+            "--candidates",
+            "12",
+            "--profile-dir",
+            profiles,
+        ])
+    };
+
+    let o = calibrate(&judged("judged", true));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("held out (5 folds"), "{out}");
+    let file = std::fs::read_dir(profiles)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".scores.json"))
+        .expect("a saved calibration");
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let (scale, bias) = (c["scale"].as_f64().unwrap(), c["bias"].as_f64().unwrap());
+    assert!(scale > 0.0 && bias.is_finite(), "{c}");
+    assert_eq!(
+        (c["pairs"].as_u64(), c["positives"].as_u64()),
+        (Some(72), Some(6)),
+        "{c}"
+    );
+    assert_eq!(c["queries"], 6);
+
+    let calibrated = rerank(&queries[0], profiles);
+    let plain = rerank(&queries[0], none);
+    assert_eq!(calibrated.len(), 12);
+    for (c, p) in calibrated.iter().zip(&plain) {
+        assert_eq!(c["index"], p["index"], "calibration changed the ranking");
+        let logit = c["logit"].as_f64().unwrap();
+        let want = 1.0 / (1.0 + (-(scale * logit + bias)).exp());
+        assert!((c["score"].as_f64().unwrap() - want).abs() < 1e-5, "{c}");
+        let sigmoid = 1.0 / (1.0 + (-logit).exp());
+        assert!((p["score"].as_f64().unwrap() - sigmoid).abs() < 1e-5, "{p}");
+    }
+
+    // Judgments against the model's own order, and data without judgments, are refused.
+    std::fs::remove_file(&file).unwrap();
+    fails_with(&calibrate(&judged("inverted", false)), "do not rise");
+    assert!(!file.exists(), "a refused calibration was saved");
+    fails_with(&calibrate(Path::new(corpus_file)), "judged data");
+}

@@ -243,7 +243,7 @@ fn info_health_metrics_and_docs() {
     ] {
         assert!(spec["paths"][p].is_object(), "spec lacks {p}");
     }
-    assert!(spec["components"]["schemas"]["CohereRequest"].is_object());
+    assert!(spec["components"]["schemas"]["RerankRequest"].is_object());
     let d = get(addr, "/docs", &[]).unwrap();
     assert_eq!(d.status, 200);
     let html = d.text();
@@ -560,6 +560,7 @@ fn overload_gets_429_and_timeouts_get_503() {
         )
         .unwrap();
         assert_error(&r, 429, "overloaded");
+        assert_eq!(r.header("retry-after"), Some("1"));
         assert_error(&big.join().unwrap(), 503, "timeout");
     });
     // The engine dropped the timed-out request; the server keeps serving.

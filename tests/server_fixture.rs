@@ -162,6 +162,169 @@ fn fixture_endpoints_answer_in_each_shape() {
     assert!(d.text().contains("/v1/rerank"));
 }
 
+/// What the clients that failed against earlier versions send (issue 20): the Cohere/Jina body
+/// at the root path (Infinity, vLLM, LocalAI, Dify and Open WebUI with a root URL), the TEI
+/// body at `/v1/rerank` (litellm `huggingface/` with a `/v1` base), a trailing slash, booleans
+/// as strings (RAGFlow's Xinference client), object documents with `rank_fields`, TEI's `/info`
+/// check (Dify) and `/v1/models`.
+#[test]
+fn fixture_every_rerank_path_takes_every_shape() {
+    let addr = server();
+    let docs = documents();
+    let top3 = alone(&docs, Some(3));
+    let order3: Vec<usize> = top3.iter().map(|e| e.0).collect();
+
+    // The Cohere body at every path answers in the Cohere shape.
+    for path in ["/rerank", "/rerank/", "/v1/rerank/", "/v2/rerank/"] {
+        let r = post_json(
+            addr,
+            path,
+            &json!({"model": "any", "query": QUERY, "documents": docs, "top_n": 3.0, "return_documents": "true"}),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let v = r.json().unwrap();
+        assert_eq!(indices(&v["results"]), order3, "{path}");
+        assert_eq!(v["results"][0]["document"]["text"], docs[order3[0]]);
+        // The served name, never the fixture's absolute path.
+        assert_eq!(v["model"], FIXTURE, "{path}");
+    }
+    // The TEI body at every path answers in TEI's shape.
+    for path in ["/v1/rerank", "/v2/rerank", "/rerank/"] {
+        let r = post_json(
+            addr,
+            path,
+            &json!({"query": QUERY, "texts": docs, "top_n": 3, "raw_scores": "false", "return_text": true}),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let v = r.json().unwrap();
+        assert_eq!(indices(&v), order3, "{path}");
+        let s = v[0]["score"].as_f64().unwrap() as f32;
+        assert!((s - sigmoid(top3[0].1)).abs() < 1e-6);
+        assert_eq!(v[0]["text"], docs[order3[0]]);
+    }
+
+    // Object documents are echoed whole; rank_fields picks what is ranked.
+    let objs: Vec<Value> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| json!({"id": i, "title": "passage", "body": d}))
+        .collect();
+    let r = post_json(
+        addr,
+        "/v2/rerank",
+        &json!({"query": QUERY, "documents": objs, "rank_fields": ["body"], "return_documents": true, "raw_scores": true}),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json().unwrap();
+    let first = &v["results"][0];
+    let i = first["index"].as_u64().unwrap() as usize;
+    assert_eq!(first["document"], objs[i]);
+    // Ranked by "body: <text>", so the order may differ from the plain texts'; the score is
+    // the raw logit of that text.
+    let ranked_text = format!("body: {}", docs[i]);
+    let (_, logit) = alone(&[ranked_text], None)[0];
+    assert!((first["relevance_score"].as_f64().unwrap() as f32 - logit).abs() < 1e-4);
+    assert_error(
+        &post_json(
+            addr,
+            "/v1/rerank",
+            &json!({"query": QUERY, "documents": objs}),
+            &[],
+        )
+        .unwrap(),
+        400,
+        "invalid_request",
+    );
+    let r = post_json(
+        addr,
+        "/v1/rerank",
+        &json!({"query": QUERY, "documents": ["a", {"title": "b"}], "rank_fields": ["title", "year"]}),
+        &[],
+    )
+    .unwrap();
+    assert_error(&r, 400, "invalid_request");
+    let msg = r.json().unwrap()["detail"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("documents[1]") && msg.contains("`year`"),
+        "{msg}"
+    );
+
+    // Strict where it matters: no wrap-around, no silent rounding, one shape per body.
+    for body in [
+        json!({"query": "q", "documents": ["a"], "max_tokens_per_doc": 18446744073709551611u64}),
+        json!({"query": "q", "documents": ["a"], "top_n": 1.5}),
+        json!({"query": "q", "documents": ["a"], "texts": ["a"]}),
+        json!({"query": "q", "documents": ["a"], "return_documents": "maybe"}),
+    ] {
+        assert_error(
+            &post_json(addr, "/rerank", &body, &[]).unwrap(),
+            422,
+            "invalid_request",
+        );
+    }
+
+    // TEI's /info fields beside ours, and the OpenAI model list.
+    let info = get(addr, "/info", &[]).unwrap().json().unwrap();
+    assert_eq!(info["model"], FIXTURE);
+    assert_eq!(info["model_id"], FIXTURE);
+    assert!(
+        info["model_type"]["reranker"]["id2label"].is_object(),
+        "{info}"
+    );
+    assert_eq!(info["max_client_batch_size"], 20);
+    assert!(info["max_input_length"].as_u64().unwrap() > 0);
+    let models = get(addr, "/v1/models", &[]).unwrap().json().unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], FIXTURE);
+    assert_eq!(models["data"][0]["object"], "model");
+}
+
+/// A per-request `instruction` reaches a decoder reranker's prompt (the committed Qwen3
+/// fixture): the server's scores equal the library's with the same instruction, and differ
+/// from those with the model's default one.
+#[test]
+fn fixture_instruction_reaches_a_decoder_reranker() {
+    let r = load(&common::fixture("qwen3-tiny"), &EngineOptions::default());
+    let s = RunningServer::start(r.clone(), ServerConfig::default(), "127.0.0.1:0", 2)
+        .expect("start server");
+    let docs = documents();
+    let instruction = "Given a question, find passages that state a temperature";
+    let mut logits = Vec::new();
+    for inst in [None, Some(instruction)] {
+        let mut req = Req::new(QUERY, docs.clone());
+        req.opts.instruction = inst.map(String::from);
+        let want = common::ranked(&r, &req);
+        let mut body = json!({"query": QUERY, "texts": docs, "raw_scores": true});
+        if let Some(i) = inst {
+            body["instruction"] = json!(i);
+        }
+        let resp = post_json(s.addr, "/rerank", &body, &[]).unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let got = resp.json().unwrap();
+        assert_eq!(indices(&got), want.iter().map(|e| e.0).collect::<Vec<_>>());
+        for (g, (_, logit)) in got.as_array().unwrap().iter().zip(&want) {
+            assert!((g["score"].as_f64().unwrap() as f32 - logit).abs() < 1e-4);
+        }
+        let mut by_index = want.clone();
+        by_index.sort_by_key(|e| e.0);
+        logits.push(by_index);
+    }
+    assert!(
+        logits[0]
+            .iter()
+            .zip(&logits[1])
+            .any(|(a, b)| (a.1 - b.1).abs() > 1e-4),
+        "the instruction changed no score"
+    );
+    s.stop().unwrap();
+}
+
 #[test]
 fn fixture_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving() {
     let addr = server();

@@ -46,6 +46,14 @@ pub struct CalibrateArgs {
     /// Only report; do not write the profile.
     #[arg(long)]
     pub no_save: bool,
+    /// Fit the model's score calibration (what `relevance_score` means) instead of the pruning
+    /// threshold: Platt scaling on the judged documents among each query's BM25 candidates
+    /// (--queries must be a TREC DL directory), reported on held-out queries.
+    #[arg(long)]
+    pub scores: bool,
+    /// With --scores: judgments of at least this grade count as relevant (TREC DL: 2).
+    #[arg(long, default_value_t = 2)]
+    pub relevant_grade: u32,
     #[command(flatten)]
     pub prune: PruneArgs,
 }
@@ -110,6 +118,9 @@ pub fn default_thresholds() -> Vec<f32> {
 
 pub fn run(args: CalibrateArgs) -> Result<()> {
     let reranker = args.model.load(&BatchArgs::default())?;
+    if args.scores {
+        return super::calibrate_scores::run(&args, &reranker);
+    }
     let mut base = args.prune.config(reranker.prune_config())?;
     if base.mode == PruneMode::Off {
         bail!("calibration needs pruning on (drop --prune off)");

@@ -4,6 +4,7 @@ pub mod bench;
 #[cfg(feature = "server")]
 pub mod bench_serve;
 pub mod calibrate;
+pub mod calibrate_scores;
 pub mod common;
 pub mod docs;
 pub mod eval;

@@ -4,7 +4,7 @@ use super::common::{BatchArgs, ModelArgs, PruneArgs};
 use super::docs::read_documents;
 use anyhow::{bail, Result};
 use clap::Args;
-use grating::{sigmoid, Mode, Progress, RerankOptions, Truncation};
+use grating::{Mode, Progress, RerankOptions, Truncation};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -135,7 +135,13 @@ pub fn run(args: RerankArgs) -> Result<()> {
     runs.push(out.stats.clone());
     bar.finish_and_clear();
 
-    let score = |l: f32| if args.raw_scores { l } else { sigmoid(l) };
+    let score = |l: f32| {
+        if args.raw_scores {
+            l
+        } else {
+            reranker.relevance(l)
+        }
+    };
     if args.json {
         let results: Vec<serde_json::Value> = out
             .ranked
@@ -148,6 +154,7 @@ pub fn run(args: RerankArgs) -> Result<()> {
                     "index": i,
                     "id": docs[i].id,
                     "score": score(s.logit),
+                    "logit": s.logit,
                 })
             })
             .collect();
@@ -157,18 +164,21 @@ pub fn run(args: RerankArgs) -> Result<()> {
         }
         println!("{}", serde_json::to_string(&v)?);
     } else {
+        // The logit beside the score: an uncalibrated sigmoid saturates (1.00000 for a whole
+        // top 10), the logit still tells the documents apart.
         println!(
-            "{:>5}  {:>6}  {:>10}  {:<20}  text",
-            "rank", "index", "score", "id"
+            "{:>5}  {:>6}  {:>10}  {:>9}  {:<20}  text",
+            "rank", "index", "score", "logit", "id"
         );
         for (rank, s) in out.ranked.iter().enumerate() {
             let i = selected[s.index];
             let text: String = docs[i].text.chars().take(60).collect();
             println!(
-                "{:>5}  {:>6}  {:>10.5}  {:<20}  {}",
+                "{:>5}  {:>6}  {:>10.5}  {:>9.4}  {:<20}  {}",
                 rank + 1,
                 i,
                 score(s.logit),
+                s.logit,
                 docs[i].id,
                 text.replace('\n', " ")
             );

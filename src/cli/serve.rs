@@ -62,6 +62,10 @@ pub struct ServerArgs {
     /// Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace: f64,
+    /// The model's name in answers, /info and /v1/models (default: a hub id as given, a local
+    /// directory's last component; never the full path).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
 }
 
 impl ServerArgs {
@@ -83,6 +87,7 @@ impl ServerArgs {
             max_body_bytes: self.max_body_bytes,
             max_concurrent_requests: self.max_concurrent_requests,
             request_timeout: Duration::from_secs_f64(self.request_timeout),
+            served_model_name: self.served_model_name.clone(),
             api_key: api_key.filter(|k| !k.is_empty()),
             chunk_tokens: self.chunk_tokens,
             prune: self.prune.config(reranker.prune_config())?,

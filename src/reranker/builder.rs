@@ -166,6 +166,19 @@ impl RerankerBuilder {
             None => PruneConfig::default(),
         };
         let execution = opts.execution()?;
+        let score_calibration = if opts.use_profile {
+            let dir = opts
+                .profile_dir
+                .clone()
+                .unwrap_or_else(profile::default_profile_dir);
+            let c = super::scores::load(&dir, &files)?;
+            if let Some(c) = &c {
+                tracing::info!(scale = c.scale, bias = c.bias, "using calibrated scores");
+            }
+            c
+        } else {
+            None
+        };
         Ok(Reranker {
             engine: Engine {
                 model: model_arc,
@@ -181,6 +194,7 @@ impl RerankerBuilder {
             max_memory: opts.max_memory,
             prune,
             execution,
+            score_calibration,
         })
     }
 }

@@ -14,10 +14,12 @@
 mod builder;
 mod options;
 mod process;
+pub mod scores;
 mod shared;
 
 pub use builder::RerankerBuilder;
 pub use options::{EngineOptions, Execution, GpuPath, RerankOptions};
+pub use scores::ScoreCalibration;
 pub use shared::{Pending, SharedOptions, SharedReranker};
 
 use crate::engine::{budget, Engine, Progress, RequestStats, RerankOutput, WeightsMode};
@@ -40,6 +42,8 @@ pub struct Reranker {
     max_memory: Option<u64>,
     prune: PruneConfig,
     execution: Execution,
+    /// The model's score calibration, when one was fitted (see [`scores`]).
+    score_calibration: Option<ScoreCalibration>,
 }
 
 impl Reranker {
@@ -60,6 +64,21 @@ impl Reranker {
     /// The model as it was named when loading (a directory or a hub id).
     pub fn model_id(&self) -> &str {
         &self.model_id
+    }
+
+    /// The 0-1 relevance score of a logit: the model's calibration when it has one (a
+    /// probability of relevance fitted on judged data), else the plain sigmoid. Monotone in
+    /// the logit, so it never changes a ranking.
+    pub fn relevance(&self, logit: f32) -> f32 {
+        match &self.score_calibration {
+            Some(c) => c.apply(logit),
+            None => crate::engine::sigmoid(logit),
+        }
+    }
+
+    /// The calibration [`Reranker::relevance`] uses, if any.
+    pub fn score_calibration(&self) -> Option<&ScoreCalibration> {
+        self.score_calibration.as_ref()
     }
 
     pub fn files(&self) -> &ModelFiles {

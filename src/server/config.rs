@@ -19,6 +19,9 @@ pub struct ServerConfig {
     pub max_concurrent_requests: usize,
     /// Deadline of one request from its arrival (503 `timeout` after it).
     pub request_timeout: Duration,
+    /// The model's name in answers, `/info` and `/v1/models` (default: a hub id as given, a
+    /// local directory's last component).
+    pub served_model_name: Option<String>,
     /// Bearer token required on every endpoint except /health, /docs and /openapi.json.
     pub api_key: Option<String>,
     pub chunk_tokens: usize,
@@ -48,6 +51,7 @@ impl Default for ServerConfig {
             max_body_bytes: 8 << 20,
             max_concurrent_requests: 64,
             request_timeout: Duration::from_secs(120),
+            served_model_name: None,
             api_key: None,
             chunk_tokens: crate::engine::DEFAULT_CHUNK_TOKENS,
             prune: PruneConfig::default(),

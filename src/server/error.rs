@@ -1,6 +1,8 @@
-//! The one error shape every endpoint answers with: `{"error": "...", "error_type": "..."}`,
-//! with a status that tells a client whether retrying can help (4xx: change the request;
-//! 429/503: try again later; 500: the engine or the model failed, reported and logged).
+//! The one error shape every endpoint answers with: `{"error", "error_type", "detail",
+//! "message"}` (the same text under the names Cohere, Jina and FastAPI-style clients read), with
+//! a status that tells a client whether retrying can help (4xx: change the request; 429/503:
+//! try again later, 429 with `Retry-After`; 500: the engine or the model failed, reported and
+//! logged).
 
 use crate::error::GratingError;
 use axum::http::StatusCode;
@@ -18,33 +20,60 @@ pub struct ErrorBody {
     /// later (429/503): overloaded, timeout, cancelled. The server's or the model's fault
     /// (500): internal, non_finite_score, model_files, backend, io.
     pub error_type: String,
+    /// `error` again, where Jina's and FastAPI-style clients look for it.
+    pub detail: String,
+    /// `error` again, where Cohere's clients look for it.
+    pub message: String,
 }
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
     pub body: ErrorBody,
+    /// Seconds after which a retry may succeed (sent as `Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, error_type: &str, error: impl Into<String>) -> ApiError {
+        let error = error.into();
         ApiError {
             status,
             body: ErrorBody {
-                error: error.into(),
+                detail: error.clone(),
+                message: error.clone(),
+                error,
                 error_type: error_type.into(),
             },
+            retry_after: None,
         }
     }
 
+    /// The same error, telling the client to retry after `seconds`.
+    pub fn retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds);
+        self
+    }
+
     pub fn bad_json(e: &serde_json::Error) -> ApiError {
+        ApiError::bad_json_at(".", e)
+    }
+
+    /// A body that failed to parse at `path` (`.` for the whole body, else the field, e.g.
+    /// `documents[2]`), named in the message.
+    pub fn bad_json_at(path: &str, e: &serde_json::Error) -> ApiError {
         use serde_json::error::Category;
         match e.classify() {
             // Well-formed JSON of the wrong shape: a missing field or a wrong type.
-            Category::Data => ApiError::new(
+            Category::Data if path == "." => ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_request",
                 e.to_string(),
+            ),
+            Category::Data => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                format!("{path}: {e}"),
             ),
             _ => ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -83,7 +112,13 @@ impl From<GratingError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body)).into_response()
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -94,6 +129,24 @@ mod tests {
     fn mapped(e: GratingError) -> (u16, String) {
         let a = ApiError::from(e);
         (a.status.as_u16(), a.body.error_type)
+    }
+
+    #[test]
+    fn every_error_carries_its_text_three_ways_and_429_says_when_to_retry() {
+        let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", "busy").retry_after(1);
+        assert_eq!(
+            (
+                e.body.error.as_str(),
+                e.body.detail.as_str(),
+                e.body.message.as_str()
+            ),
+            ("busy", "busy", "busy")
+        );
+        let r = e.into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[axum::http::header::RETRY_AFTER], "1");
+        let r = ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "x").into_response();
+        assert!(r.headers().get(axum::http::header::RETRY_AFTER).is_none());
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub(super) async fn run_rerank(
                 st.cfg.max_concurrent_requests
             ),
         )
+        .retry_after(1)
     })?;
     let k = p.check(&st.cfg)?;
     let st2 = st.clone();

@@ -25,6 +25,7 @@ mod docs;
 pub mod error;
 mod execute;
 mod handlers;
+mod lenient;
 pub mod metrics;
 mod middleware;
 mod openapi;

@@ -15,15 +15,16 @@ use utoipa::OpenApi;
     paths(
         rerank::rerank_v1,
         rerank::rerank_v2,
-        rerank::rerank_tei,
+        rerank::rerank_root,
         meta::health,
         meta::info,
+        meta::models,
         meta::metrics_text
     ),
     components(schemas(
-        CohereRequest, CohereResponse, CohereResult, DocumentInput, DocumentText, Meta, Usage,
-        ApiVersion, BilledUnits, GratingStats, TeiRequest, TeiResult, TruncationDirection, Info,
-        Limits, Health, ErrorBody
+        RerankRequest, RerankResponse, CohereResponse, CohereResult, DocumentInput, DocumentObject, Meta, Usage,
+        ApiVersion, BilledUnits, GratingStats, TeiResult, TruncationDirection, Info, TeiInfo,
+        TeiModelType, TeiClassifier, ModelList, ModelCard, Limits, Health, ErrorBody
     )),
     modifiers(&BearerAuth)
 )]

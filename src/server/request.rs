@@ -16,6 +16,8 @@ pub(super) struct Prepared {
     pub max_tokens_per_doc: Option<usize>,
     pub truncate: bool,
     pub truncation: Truncation,
+    /// Decoder rerankers' `<Instruct>` line (the model's default when `None`).
+    pub instruction: Option<String>,
 }
 
 impl Prepared {
@@ -71,9 +73,12 @@ impl Prepared {
         template_tokens: usize,
     ) -> usize {
         match self.max_tokens_per_doc {
-            Some(doc_cap) => {
-                server_limit.min(doc_cap.max(1) + query_tokens(&self.query) + template_tokens)
-            }
+            Some(doc_cap) => server_limit.min(
+                doc_cap
+                    .max(1)
+                    .saturating_add(query_tokens(&self.query))
+                    .saturating_add(template_tokens),
+            ),
             None => server_limit,
         }
     }
@@ -91,6 +96,7 @@ mod tests {
             max_tokens_per_doc: None,
             truncate: true,
             truncation: Truncation::Right,
+            instruction: None,
         }
     }
 

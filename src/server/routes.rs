@@ -14,10 +14,16 @@ use std::sync::Arc;
 
 /// The application: routes, auth, body limit, request ids, logs and metrics.
 pub fn router(state: Arc<AppState>) -> Router {
+    // Every rerank path takes every request shape; clients that append a slash to their base
+    // URL reach the same handlers.
     let protected = Router::new()
         .route("/v1/rerank", post(rerank::rerank_v1))
+        .route("/v1/rerank/", post(rerank::rerank_v1))
         .route("/v2/rerank", post(rerank::rerank_v2))
-        .route("/rerank", post(rerank::rerank_tei))
+        .route("/v2/rerank/", post(rerank::rerank_v2))
+        .route("/rerank", post(rerank::rerank_root))
+        .route("/rerank/", post(rerank::rerank_root))
+        .route("/v1/models", get(meta::models))
         .route("/info", get(meta::info))
         .route("/metrics", get(meta::metrics_text))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));

@@ -2,7 +2,7 @@
 //! in [`AppState::new`] and [`AppState::submit`]. Keeping the engine behind these few methods
 //! lets the engine handle change without touching the handlers.
 
-use super::api::{Info, Limits};
+use super::api::{Info, Limits, TeiClassifier, TeiInfo, TeiModelType};
 use super::config::ServerConfig;
 use super::metrics::{self, Metrics};
 use super::request::Prepared;
@@ -24,6 +24,8 @@ pub struct AppState {
     pub(super) permits: Arc<Semaphore>,
     max_doc_tokens: usize,
     pub(super) info: Info,
+    /// When the server started, in Unix seconds (`/v1/models`).
+    pub(super) started_unix: u64,
 }
 
 impl AppState {
@@ -54,6 +56,9 @@ impl AppState {
             metrics: Metrics::default(),
             max_doc_tokens,
             info,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         }))
     }
 
@@ -75,6 +80,7 @@ impl AppState {
             max_length: Some(max_length),
             truncate: p.truncate,
             truncation: p.truncation,
+            instruction: p.instruction,
             ..Default::default()
         };
         let pairs = r.encode(&p.query, &p.documents, &opts)?;
@@ -134,8 +140,12 @@ pub(super) async fn wait_until(
 /// The `/info` answer, fixed for the server's lifetime.
 fn describe(reranker: &Reranker, cfg: &ServerConfig, max_doc_tokens: usize) -> Info {
     let mi = reranker.info();
+    let name = cfg
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_model_name(reranker.model_id()));
     Info {
-        model: reranker.model_id().to_string(),
+        model: name.clone(),
         architecture: mi.architecture.clone(),
         num_layers: mi.num_layers,
         hidden_size: mi.hidden_size,
@@ -174,5 +184,53 @@ fn describe(reranker: &Reranker, cfg: &ServerConfig, max_doc_tokens: usize) -> I
         },
         auth: cfg.api_key.is_some(),
         version: env!("CARGO_PKG_VERSION").into(),
+        tei: TeiInfo {
+            model_id: name,
+            model_sha: None,
+            model_dtype: match reranker.dtype() {
+                candle_core::DType::F16 => "float16",
+                candle_core::DType::BF16 => "bfloat16",
+                _ => "float32",
+            }
+            .into(),
+            model_type: TeiModelType {
+                reranker: TeiClassifier::single_label(),
+            },
+            max_concurrent_requests: cfg.max_concurrent_requests,
+            max_input_length: max_doc_tokens,
+            max_batch_tokens: cfg.step_tokens,
+            max_client_batch_size: cfg.max_documents,
+            tokenization_workers: 1,
+        },
+    }
+}
+
+/// The name a model is served under when none is given: a hub id as it is, a local
+/// directory by its last component (never the full path, which would tell every client where
+/// the server's files are).
+pub fn default_model_name(model_id: &str) -> String {
+    let path = std::path::Path::new(model_id);
+    if path.is_absolute() || path.exists() || model_id.starts_with('.') {
+        let trimmed = model_id.trim_end_matches(['/', '\\']);
+        if let Some(name) = std::path::Path::new(trimmed).file_name() {
+            return name.to_string_lossy().into_owned();
+        }
+    }
+    model_id.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_model_name;
+
+    #[test]
+    fn served_names_never_show_a_path() {
+        assert_eq!(
+            default_model_name("BAAI/bge-reranker-base"),
+            "BAAI/bge-reranker-base"
+        );
+        assert_eq!(default_model_name("/srv/models/minilm/"), "minilm");
+        assert_eq!(default_model_name("../shared/models/minilm"), "minilm");
+        assert_eq!(default_model_name("./m"), "m");
     }
 }

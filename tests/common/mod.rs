@@ -228,5 +228,8 @@ pub fn assert_error(r: &grating::server::client::HttpResponse, status: u16, erro
         .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {}", r.text()));
     assert_eq!(v["error_type"], error_type, "{v}");
     assert!(v["error"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+    // The same text where Jina/FastAPI-style (`detail`) and Cohere (`message`) clients read it.
+    assert_eq!(v["detail"], v["error"], "{v}");
+    assert_eq!(v["message"], v["error"], "{v}");
     assert!(r.header("x-request-id").is_some());
 }

@@ -1,7 +1,7 @@
 //! The endpoints around reranking: liveness, the server's description, metrics and the API
 //! documentation.
 
-use super::super::api::{Health, Info};
+use super::super::api::{Health, Info, ModelCard, ModelList};
 use super::super::docs;
 use super::super::openapi::ApiDoc;
 use super::super::state::AppState;
@@ -24,6 +24,20 @@ pub(crate) async fn health() -> Json<Health> {
 #[utoipa::path(get, path = "/info", responses((status = 200, body = Info)), security(("bearer" = [])))]
 pub(crate) async fn info(State(st): State<Arc<AppState>>) -> Json<Info> {
     Json(st.info.clone())
+}
+
+/// The served model, in the OpenAI list shape (for clients that discover models first).
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList)), security(("bearer" = [])))]
+pub(crate) async fn models(State(st): State<Arc<AppState>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelCard {
+            id: st.info.model.clone(),
+            object: "model".into(),
+            created: st.started_unix,
+            owned_by: "grating".into(),
+        }],
+    })
 }
 
 /// Prometheus metrics (text exposition format).
