@@ -325,6 +325,81 @@ fn fixture_instruction_reaches_a_decoder_reranker() {
     s.stop().unwrap();
 }
 
+/// Rerank bodies must be declared JSON (a browser page can post `text/plain` across origins
+/// without a preflight) and uncompressed; the auth scheme is case-insensitive; a blank key
+/// is a start-up error, never "auth off".
+#[test]
+fn fixture_media_types_and_auth_rules() {
+    let addr = server();
+    let body = br#"{"query": "q", "documents": ["a", "b"]}"#;
+    let post = |headers: &[(&str, &str)]| {
+        request(addr, "POST", "/v1/rerank", headers, Some(body.as_slice())).unwrap()
+    };
+    assert_eq!(post(&[("Content-Type", "application/json")]).status, 200);
+    assert_eq!(
+        post(&[("Content-Type", "Application/JSON; charset=utf-8")]).status,
+        200
+    );
+    for headers in [
+        vec![("Content-Type", "text/plain")],
+        vec![("Content-Type", "application/x-www-form-urlencoded")],
+        vec![],
+        vec![
+            ("Content-Type", "application/json"),
+            ("Content-Encoding", "gzip"),
+        ],
+    ] {
+        assert_error(&post(&headers), 415, "unsupported_media_type");
+    }
+
+    let keyed = |key: &str| {
+        RunningServer::start(
+            reranker(),
+            ServerConfig {
+                api_key: Some(key.into()),
+                ..Default::default()
+            },
+            "127.0.0.1:0",
+            1,
+        )
+    };
+    for blank in ["", "   "] {
+        let e = keyed(blank).err().expect("a blank key is refused");
+        assert!(e.to_string().contains("blank"), "{e}");
+    }
+    let s = keyed("s3cret").expect("start server");
+    let ct = ("Content-Type", "application/json");
+    for (auth, status) in [
+        ("Bearer s3cret", 200),
+        ("BEARER s3cret", 200),
+        ("bearer  s3cret ", 200),
+        ("Basic s3cret", 401),
+        ("Bearer s3cre", 401),
+        ("Bearers3cret", 401),
+    ] {
+        let r = request(
+            s.addr,
+            "POST",
+            "/rerank",
+            &[ct, ("Authorization", auth)],
+            Some(body.as_slice()),
+        )
+        .unwrap();
+        assert_eq!(r.status, status, "{auth}: {}", r.text());
+    }
+    // Without the key the media type is not even looked at.
+    let r = request(
+        s.addr,
+        "POST",
+        "/rerank",
+        &[("Content-Type", "text/plain")],
+        Some(body.as_slice()),
+    )
+    .unwrap();
+    assert_error(&r, 401, "unauthorized");
+    s.stop().unwrap();
+}
+
 #[test]
 fn fixture_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving() {
     let addr = server();

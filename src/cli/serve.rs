@@ -88,7 +88,9 @@ impl ServerArgs {
             max_concurrent_requests: self.max_concurrent_requests,
             request_timeout: Duration::from_secs_f64(self.request_timeout),
             served_model_name: self.served_model_name.clone(),
-            api_key: api_key.filter(|k| !k.is_empty()),
+            // Surrounding spaces are not part of a key (headers are trimmed); a blank key is
+            // refused when the server starts, never read as "no auth".
+            api_key: api_key.map(|k| k.trim().to_string()),
             chunk_tokens: self.chunk_tokens,
             prune: self.prune.config(reranker.prune_config())?,
             layer_sharing: !self.no_layer_sharing,

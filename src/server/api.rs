@@ -80,8 +80,9 @@ pub struct RerankRequest {
 pub struct CohereResult {
     /// Position of the document in the request's `documents`.
     pub index: usize,
-    /// sigmoid of the model's relevance logit (P(yes) for Qwen3 rerankers), in 0-1; the logit
-    /// itself with `raw_scores`.
+    /// The model's calibrated probability of relevance when it has a calibration, else the
+    /// sigmoid of its relevance logit (P(yes) for Qwen3 rerankers), in 0-1; the logit itself
+    /// with `raw_scores`.
     pub relevance_score: f32,
     /// The document as sent (a string comes back as `{"text": ...}`), with `return_documents`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -182,6 +183,9 @@ pub struct Info {
     pub max_length: usize,
     /// What the raw score is: `logit` or `yes_no_logit`.
     pub score_kind: String,
+    /// What `relevance_score`/`score` is: `calibrated` (the model's Platt calibration, a
+    /// probability of relevance fitted on judged data) or `sigmoid` (of the raw score).
+    pub scores: String,
     /// Execution mode: `grating` (monolithic forwarding with pruning).
     pub mode: String,
     pub pruning: String,

@@ -1,5 +1,6 @@
 //! Layers every request passes before its handler: a request id with a tracing span and
-//! metrics around the whole exchange (`observe`), and the bearer-token check (`auth`).
+//! metrics around the whole exchange (`observe`), the bearer-token check (`auth`), and the
+//! body's media type on POSTs (`json_only`).
 
 use super::error::ApiError;
 use super::state::AppState;
@@ -75,18 +76,24 @@ pub(super) async fn observe(
     resp
 }
 
+/// The token of an `Authorization: Bearer <token>` header; the scheme is case-insensitive
+/// (RFC 9110), so `BEARER` and `bearer` work too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(char::is_whitespace)?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
 pub(super) async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.cfg.api_key {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
+            .and_then(bearer_token)
             .unwrap_or("");
-        if !constant_time_eq(given.trim().as_bytes(), key.as_bytes()) {
+        if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
             let mut r = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -97,6 +104,50 @@ pub(super) async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Ne
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
         }
+    }
+    next.run(req).await
+}
+
+/// POST bodies must be JSON, declared as such: a browser page can send `text/plain` across
+/// origins without a preflight, so taking any media type would let any web page a user opens
+/// post to a server without a key. Compressed bodies are refused rather than misread.
+pub(super) async fn json_only(req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    let is_json = media_type
+        .as_deref()
+        .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+    if !is_json {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "the body must be JSON sent with `Content-Type: application/json` (got {})",
+                media_type.map_or("no Content-Type".into(), |m| format!("`{m}`"))
+            ),
+        )
+        .into_response();
+    }
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if let Some(e) = encoding.filter(|e| !e.is_empty() && e != "identity") {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("`Content-Encoding: {e}` is not accepted; send the body uncompressed"),
+        )
+        .into_response();
     }
     next.run(req).await
 }
@@ -112,6 +163,16 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secret1"));
         assert!(!constant_time_eq(b"", b"x"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer   abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token(""), None);
     }
 
     #[test]

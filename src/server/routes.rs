@@ -3,7 +3,7 @@
 
 use super::error::ApiError;
 use super::handlers::{meta, rerank};
-use super::middleware::{auth, observe};
+use super::middleware::{auth, json_only, observe};
 use super::state::AppState;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
@@ -16,13 +16,16 @@ use std::sync::Arc;
 pub fn router(state: Arc<AppState>) -> Router {
     // Every rerank path takes every request shape; clients that append a slash to their base
     // URL reach the same handlers.
-    let protected = Router::new()
+    let rerank = Router::new()
         .route("/v1/rerank", post(rerank::rerank_v1))
         .route("/v1/rerank/", post(rerank::rerank_v1))
         .route("/v2/rerank", post(rerank::rerank_v2))
         .route("/v2/rerank/", post(rerank::rerank_v2))
         .route("/rerank", post(rerank::rerank_root))
         .route("/rerank/", post(rerank::rerank_root))
+        .route_layer(middleware::from_fn(json_only));
+    let protected = Router::new()
+        .merge(rerank)
         .route("/v1/models", get(meta::models))
         .route("/info", get(meta::info))
         .route("/metrics", get(meta::metrics_text))

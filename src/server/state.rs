@@ -31,6 +31,11 @@ pub struct AppState {
 impl AppState {
     /// Starts the engine's scheduler for `reranker`.
     pub fn new(reranker: Arc<Reranker>, cfg: ServerConfig) -> crate::Result<Arc<AppState>> {
+        if cfg.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+            return Err(crate::GratingError::InvalidInput(
+                "the API key is empty or blank: give a key, or none to serve without one".into(),
+            ));
+        }
         let model_max = reranker.info().max_length;
         let max_doc_tokens = cfg.max_tokens_per_doc.unwrap_or(model_max).min(model_max);
         let engine = SharedReranker::new(
@@ -64,6 +69,11 @@ impl AppState {
 
     pub fn engine(&self) -> &SharedReranker {
         &self.engine
+    }
+
+    /// The 0-1 score of a logit: the model's calibration when it has one, else the sigmoid.
+    pub(super) fn relevance(&self, logit: f32) -> f32 {
+        self.engine.reranker().relevance(logit)
     }
 
     /// Tokenizes a request under the server's and the request's length limits. It blocks (the
@@ -154,6 +164,12 @@ fn describe(reranker: &Reranker, cfg: &ServerConfig, max_doc_tokens: usize) -> I
             .ok()
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default(),
+        scores: if reranker.score_calibration().is_some() {
+            "calibrated"
+        } else {
+            "sigmoid"
+        }
+        .into(),
         mode: "grating".into(),
         pruning: match cfg.prune.mode {
             PruneMode::Off => "off",

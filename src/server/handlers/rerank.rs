@@ -9,7 +9,7 @@ use super::super::execute::run_rerank;
 use super::super::middleware::RequestId;
 use super::super::request::Prepared;
 use super::super::state::AppState;
-use crate::engine::{sigmoid, RerankOutput};
+use crate::engine::RerankOutput;
 use crate::tokenize::Truncation;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -176,7 +176,7 @@ fn cohere_response(
             relevance_score: if answer.raw_scores {
                 s.logit
             } else {
-                sigmoid(s.logit)
+                st.relevance(s.logit)
             },
             document: echo.get_mut(s.index).and_then(Option::take),
         })
@@ -205,6 +205,7 @@ fn cohere_response(
 }
 
 fn tei_response(
+    st: &AppState,
     out: RerankOutput,
     mut docs: Vec<String>,
     answer: &Answer,
@@ -217,7 +218,7 @@ fn tei_response(
             score: if answer.raw_scores {
                 s.logit
             } else {
-                sigmoid(s.logit)
+                st.relevance(s.logit)
             },
             text: with_text.then(|| std::mem::take(&mut docs[s.index])),
         })
@@ -237,7 +238,7 @@ async fn rerank(
     let (out, docs) = run_rerank(&st, prepared).await?;
     Ok(Json(match answer.cohere_version {
         Some(v) => RerankResponse::Cohere(cohere_response(&st, id.0, out, answer, v)),
-        None => RerankResponse::Tei(tei_response(out, docs, &answer, with_text)),
+        None => RerankResponse::Tei(tei_response(&st, out, docs, &answer, with_text)),
     }))
 }
 
