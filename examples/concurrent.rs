@@ -46,7 +46,11 @@ fn main() -> grating::Result<()> {
         .collect();
     for t in threads {
         let (q, best) = t.join().expect("a caller thread panicked")?;
-        println!("{q:32} -> {:.4}  {}", best.score(), docs[best.index]);
+        println!(
+            "{q:32} -> {:.4}  {}",
+            reranker.relevance(best.logit),
+            docs[best.index]
+        );
     }
     let steps = shared
         .counters()

@@ -17,7 +17,7 @@ fn main() -> grating::Result<()> {
         &RerankOptions::top_k(2),
     )?;
     for s in &out.ranked {
-        println!("{:.4}  {}", s.score(), docs[s.index]);
+        println!("{:.4}  {}", reranker.relevance(s.logit), docs[s.index]);
     }
     Ok(())
 }

@@ -94,7 +94,8 @@ pub struct Scored {
 }
 
 impl Scored {
-    /// The 0-1 relevance score users expect: sigmoid of the logit (P(yes) for yes/no heads).
+    /// Sigmoid of the logit (P(yes) for yes/no heads), uncalibrated; `Reranker::relevance`
+    /// applies the model's score calibration when it has one.
     pub fn score(&self) -> f32 {
         sigmoid(self.logit)
     }
