@@ -39,22 +39,46 @@ fn documents(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Where the shared pass's steps get their layers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Layers {
+    Resident,
+    Stream,
+    /// Rebuilt from the memory-mapped checkpoint whenever a step needs one not built.
+    Reload,
+}
+
 /// Submits four overlapping requests at once to a shared pass with a tiny step budget and
 /// small chunks, under each queue order, and compares every answer with the same request run
 /// alone.
 fn interleaving_is_exact(resident: &Arc<Reranker>, streamed: &Arc<Reranker>, all: &[String]) {
     let chunk_tokens = 600;
     let configs = [
-        (QueueOrder::least_attained(), false, 2),
-        (QueueOrder::shortest_remaining(), false, 2),
-        ("most-shared".parse().unwrap(), false, 2),
-        ("shortest-remaining-aligned".parse().unwrap(), true, 2),
-        (QueueOrder::alternating(), true, 1),
-        ("shortest-remaining,most-shared".parse().unwrap(), true, 2),
-        ("shortest-unpruned-remaining".parse().unwrap(), true, 2),
-        (QueueOrder::default(), true, 2),
+        (QueueOrder::least_attained(), Layers::Resident, 2),
+        (QueueOrder::shortest_remaining(), Layers::Resident, 2),
+        ("most-shared".parse().unwrap(), Layers::Resident, 2),
+        (
+            "shortest-remaining-aligned".parse().unwrap(),
+            Layers::Stream,
+            2,
+        ),
+        (QueueOrder::alternating(), Layers::Stream, 1),
+        (
+            "shortest-remaining,most-shared".parse().unwrap(),
+            Layers::Stream,
+            2,
+        ),
+        (
+            "shortest-unpruned-remaining".parse().unwrap(),
+            Layers::Stream,
+            2,
+        ),
+        (QueueOrder::default(), Layers::Stream, 2),
+        (QueueOrder::default(), Layers::Reload, 1),
+        (QueueOrder::least_attained(), Layers::Reload, 2),
     ];
-    for (order, stream, cached_layers) in configs {
+    for (order, layers, cached_layers) in configs {
+        let stream = layers == Layers::Stream;
         let r = if stream { streamed } else { resident };
         let shared = SharedReranker::new(
             r.clone(),
@@ -66,6 +90,7 @@ fn interleaving_is_exact(resident: &Arc<Reranker>, streamed: &Arc<Reranker>, all
                 }),
                 cached_layers,
                 chunk_tokens,
+                reload_layers: layers == Layers::Reload,
                 ..Default::default()
             },
         )
@@ -102,15 +127,19 @@ fn interleaving_is_exact(resident: &Arc<Reranker>, streamed: &Arc<Reranker>, all
         let (steps, served) = (load(&c.steps), load(&c.request_steps));
         let (loads, ahead) = (load(&c.layer_loads), load(&c.read_ahead_hits));
         eprintln!(
-            "{order:?}, streamed {stream}, {cached_layers} cached: {steps} steps served \
+            "{order:?}, {layers:?} layers, {cached_layers} cached: {steps} steps served \
              {served} request-steps; {loads} layer loads, {ahead} read ahead"
         );
         assert!(
             served > steps,
             "{order:?}: no step was shared between requests"
         );
-        // Steps at the layer of the previous step reuse it.
+        // Steps at the layer of the previous step reuse it; reloaded layers are counted as
+        // loads too.
         assert!(loads < steps, "{order:?}: every step loaded its layer");
+        if layers == Layers::Reload {
+            assert!(loads > 0, "{order:?}: no layer was reloaded");
+        }
         if stream {
             assert!(ahead > 0, "{order:?}: no layer was read ahead");
         }
