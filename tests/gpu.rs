@@ -18,7 +18,8 @@ mod parity;
 use candle_core::{DType, Device, Tensor};
 use common::Req;
 use grating::prune::{PruneConfig, PruneMode};
-use grating::{EngineOptions, Mode, Reranker, WeightsMode};
+use grating::{EngineOptions, Mode, Reranker, SharedOptions, SharedReranker, WeightsMode};
+use std::sync::Arc;
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA GPU")
@@ -138,6 +139,54 @@ fn streamed_layers_on_gpu_equal_resident_layers() {
         let out = request(8).run(&streamed).unwrap();
         let mem = out.stats.gpu_memory.expect("GPU memory counters on CUDA");
         assert!(mem.peak_used > 0 && mem.device_used >= mem.peak_used);
+    }
+}
+
+/// The shared pass on the GPU, with resident, streamed and reloaded layers (rebuilt in the
+/// compute dtype on the GPU, as resident ones are), answers each of three overlapping
+/// requests exactly as it is answered alone.
+#[test]
+fn shared_pass_on_gpu_equals_alone_with_every_layer_source() {
+    for model in models() {
+        for (weights, reload_layers) in [
+            (WeightsMode::Resident, false),
+            (WeightsMode::Stream, false),
+            (WeightsMode::Resident, true),
+        ] {
+            let r = Arc::new(load(&model, gpu(), DType::BF16, weights));
+            let shared = SharedReranker::new(
+                r.clone(),
+                SharedOptions {
+                    step_tokens: 1500,
+                    chunk_tokens: 600,
+                    reload_layers,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let (mut pending, mut expected) = (Vec::new(), Vec::new());
+            for (n, k) in [(30, 5), (12, 2), (40, 10)] {
+                let mut req = request(n);
+                req.opts.top_k = Some(k);
+                req.chunk_tokens = Some(600);
+                expected.push(req.run(&r).unwrap());
+                pending.push(
+                    shared
+                        .submit(&req.query, &req.documents, &req.opts, None)
+                        .unwrap(),
+                );
+            }
+            for (i, (p, want)) in pending.into_iter().zip(&expected).enumerate() {
+                let got = p.wait().unwrap();
+                assert_eq!(
+                    got.ranked,
+                    want.ranked,
+                    "{} {weights:?} reload {reload_layers}: request {i}",
+                    model.display()
+                );
+            }
+            shared.shutdown();
+        }
     }
 }
 
