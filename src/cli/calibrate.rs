@@ -48,12 +48,18 @@ pub struct CalibrateArgs {
     pub no_save: bool,
     /// Fit the model's score calibration (what `relevance_score` means) instead of the pruning
     /// threshold: Platt scaling on the judged documents among each query's BM25 candidates
-    /// (--queries must be a TREC DL directory), reported on held-out queries.
+    /// and random passages of the corpus (--queries must be a TREC DL directory), reported on
+    /// held-out queries.
     #[arg(long)]
     pub scores: bool,
     /// With --scores: judgments of at least this grade count as relevant (TREC DL: 2).
     #[arg(long, default_value_t = 2)]
     pub relevant_grade: u32,
+    /// With --scores: passages drawn at random from the corpus per query, scored as
+    /// non-relevant (judged pools are mostly relevant; a deployed reranker sees much that is
+    /// not).
+    #[arg(long, default_value_t = 20)]
+    pub random_negatives: usize,
     #[command(flatten)]
     pub prune: PruneArgs,
 }

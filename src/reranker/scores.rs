@@ -25,7 +25,8 @@ pub struct ScoreCalibration {
     pub bias: f64,
     /// Judgments of at least this grade count as relevant.
     pub relevant_grade: u32,
-    /// Judged (query, document) pairs and queries it was fitted on, and where they came from.
+    /// Pairs (judged ones and random passages), relevant pairs and queries it was fitted on,
+    /// and where they came from.
     pub pairs: usize,
     pub positives: usize,
     pub queries: usize,
@@ -34,7 +35,8 @@ pub struct ScoreCalibration {
     pub held_out: Option<HeldOut>,
 }
 
-/// Log loss and Brier score of the plain sigmoid and of the calibration on held-out queries.
+/// Log loss and Brier score of the plain sigmoid and of the calibration on held-out queries,
+/// and the shares of pairs each puts on the right side of 0.5.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HeldOut {
     pub folds: usize,
@@ -42,6 +44,15 @@ pub struct HeldOut {
     pub log_loss_calibrated: f64,
     pub brier_sigmoid: f64,
     pub brier_calibrated: f64,
+    /// Relevant pairs scored above 0.5.
+    pub relevant_above_half: f64,
+    /// Judged non-relevant pairs scored below 0.5.
+    pub judged_below_half: f64,
+    /// Random passages scored below 0.5.
+    pub random_below_half: f64,
+    pub sigmoid_relevant_above_half: f64,
+    pub sigmoid_judged_below_half: f64,
+    pub sigmoid_random_below_half: f64,
 }
 
 impl ScoreCalibration {
