@@ -157,6 +157,20 @@ fn fixture_endpoints_answer_in_each_shape() {
         assert!(spec["paths"][p].is_object(), "spec lacks {p}");
     }
     assert!(spec["paths"]["/v1/rerank"]["post"]["responses"]["500"].is_object());
+    assert!(
+        spec["paths"]["/v1/models"].is_object(),
+        "spec lacks /v1/models"
+    );
+    let body = &spec["components"]["schemas"]["RerankRequest"]["properties"];
+    assert_eq!(body["query"]["minLength"], 1, "{body}");
+    assert!(
+        body["texts"].to_string().contains("\"minItems\":1"),
+        "{body}"
+    );
+    let err = &spec["components"]["schemas"]["ErrorBody"]["properties"];
+    for field in ["error", "error_type", "detail", "message"] {
+        assert!(err[field].is_object(), "ErrorBody lacks {field}");
+    }
     let d = get(addr, "/docs", &[]).unwrap();
     assert_eq!(d.status, 200);
     assert!(d.text().contains("/v1/rerank"));

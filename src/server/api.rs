@@ -31,12 +31,17 @@ pub struct RerankRequest {
     /// Accepted for compatibility; the server runs the model it was started with.
     #[serde(default)]
     pub model: Option<String>,
+    /// Not empty, nor only spaces (400 `empty_input`).
+    #[schema(min_length = 1)]
     pub query: String,
-    /// Cohere/Jina: strings or objects. Exactly one of `documents` and `texts` is required.
+    /// Cohere/Jina: strings or objects. Exactly one of `documents` and `texts` is required,
+    /// with at least one document.
     #[serde(default)]
+    #[schema(min_items = 1)]
     pub documents: Option<Vec<DocumentInput>>,
     /// TEI: strings.
     #[serde(default)]
+    #[schema(min_items = 1)]
     pub texts: Option<Vec<String>>,
     /// K: how many results to return, best first. It is the K that pruning works against;
     /// without it every document is scored and returned; 0 is refused (422).
