@@ -21,8 +21,8 @@ use std::path::PathBuf;
 pub struct CalibrateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Sample requests: a TREC DL directory (BM25 candidates of its queries) or a jsonl file
-    /// with {"query", "documents": [...]} per line.
+    /// Sample requests: a TREC DL or BEIR directory (BM25 candidates of its queries) or a
+    /// jsonl file with {"query", "documents": [...]} per line.
     #[arg(long)]
     pub queries: PathBuf,
     /// BM25 candidates per query when --queries is a TREC DL directory.
@@ -48,8 +48,8 @@ pub struct CalibrateArgs {
     pub no_save: bool,
     /// Fit the model's score calibration (what `relevance_score` means) instead of the pruning
     /// threshold: Platt scaling on the judged documents among each query's BM25 candidates
-    /// and random passages of the corpus (--queries must be a TREC DL directory), reported on
-    /// held-out queries.
+    /// and random passages of the corpus (--queries must be a TREC DL or BEIR directory),
+    /// reported on held-out queries.
     #[arg(long)]
     pub scores: bool,
     /// With --scores: judgments of at least this grade count as relevant (TREC DL: 2).

@@ -42,7 +42,7 @@ impl Judged {
 pub fn run(args: &CalibrateArgs, reranker: &Reranker) -> Result<()> {
     if !args.queries.is_dir() {
         bail!(
-            "score calibration needs judged data: a TREC DL directory (corpus.jsonl, queries.jsonl, qrels.tsv), not {}",
+            "score calibration needs judged data: a TREC DL or BEIR directory (corpus.jsonl, queries.jsonl, and qrels.tsv or qrels/test.tsv), not {}",
             args.queries.display()
         );
     }

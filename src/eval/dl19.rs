@@ -1,4 +1,6 @@
-//! The TREC DL 2019 passage subset in ../shared/data (BEIR jsonl corpus and queries, qrels tsv).
+//! A judged retrieval collection: the TREC DL 2019 passage subset in ../shared/data (jsonl
+//! corpus and queries, `qrels.tsv`), or any collection in BEIR's layout (the same jsonl files,
+//! judgments in `qrels/test.tsv` with a header line).
 
 use super::bm25::Bm25;
 use crate::error::{GratingError, Result};
@@ -42,16 +44,37 @@ impl Dl19 {
     pub fn load(dir: &Path) -> Result<Dl19> {
         let corpus = read_jsonl(&dir.join("corpus.jsonl"))?;
         let queries = read_jsonl(&dir.join("queries.jsonl"))?;
-        let qrels_text = std::fs::read_to_string(dir.join("qrels.tsv")).map_err(|e| {
-            GratingError::InvalidInput(format!("{}: {e}", dir.join("qrels.tsv").display()))
+        // TREC DL's `qrels.tsv`, else BEIR's `qrels/test.tsv` (then `dev`, then `train`).
+        let qrels_path = [
+            "qrels.tsv",
+            "qrels/test.tsv",
+            "qrels/dev.tsv",
+            "qrels/train.tsv",
+        ]
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| dir.join("qrels.tsv"));
+        let qrels_text = std::fs::read_to_string(&qrels_path).map_err(|e| {
+            GratingError::InvalidInput(format!(
+                "{}: {e} (judgments go in qrels.tsv or BEIR's qrels/test.tsv)",
+                qrels_path.display()
+            ))
         })?;
         let mut qrels: HashMap<String, HashMap<String, u32>> = HashMap::new();
-        for line in qrels_text.lines().filter(|l| !l.trim().is_empty()) {
+        for (n, line) in qrels_text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
             let f: Vec<&str> = line.split('\t').collect();
             if f.len() != 3 {
                 return Err(GratingError::InvalidInput(format!(
                     "qrels line {line:?}: expected 3 fields"
                 )));
+            }
+            // BEIR's header line.
+            if n == 0 && f[2].trim().parse::<u32>().is_err() && f[0].contains("id") {
+                continue;
             }
             let grade: u32 = f[2].trim().parse().map_err(|_| {
                 GratingError::InvalidInput(format!("qrels line {line:?}: bad grade"))
@@ -92,5 +115,58 @@ impl Dl19 {
             .into_iter()
             .map(|(d, _)| d)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn collection(qrels_file: &str, qrels: &str) -> Result<Dl19> {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "corpus.jsonl",
+            "{\"_id\": \"d1\", \"title\": \"T\", \"text\": \"water boils\"}\n{\"_id\": \"d2\", \"text\": \"paris\"}\n",
+        );
+        write(
+            dir.path(),
+            "queries.jsonl",
+            "{\"_id\": \"q1\", \"text\": \"boiling water\"}\n{\"_id\": \"q2\", \"text\": \"unjudged\"}\n",
+        );
+        write(dir.path(), qrels_file, qrels);
+        Dl19::load(dir.path())
+    }
+
+    #[test]
+    fn trec_and_beir_layouts_load_alike() {
+        for (file, qrels) in [
+            ("qrels.tsv", "q1\td1\t2\nq1\td2\t0\n"),
+            (
+                "qrels/test.tsv",
+                "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td2\t0\n",
+            ),
+        ] {
+            let c = collection(file, qrels).unwrap();
+            assert_eq!(
+                c.queries,
+                vec![("q1".to_string(), "boiling water".to_string())]
+            );
+            assert_eq!(c.qrels["q1"]["d1"], 2);
+            assert_eq!(c.qrels["q1"]["d2"], 0);
+            assert_eq!(c.doc_texts[0], "T water boils");
+            assert_eq!(c.candidates("boiling water", 5), vec![0]);
+        }
+        // A header anywhere but the first line, or a bad grade, is an error.
+        assert!(collection("qrels.tsv", "q1\td1\t2\nquery-id\tcorpus-id\tscore\n").is_err());
+        assert!(collection("qrels.tsv", "q1\td1\tx\n").is_err());
+        let e = collection("elsewhere.tsv", "q1\td1\t2\n").err().unwrap();
+        assert!(e.to_string().contains("qrels/test.tsv"), "{e}");
     }
 }
