@@ -414,6 +414,29 @@ fn fixture_media_types_and_auth_rules() {
     s.stop().unwrap();
 }
 
+/// Readiness follows the engine: 200 while requests will be served, 503 `not_ready` once the
+/// engine stops taking them, while liveness (`/health`) stays 200.
+#[test]
+fn fixture_readiness_follows_the_engine() {
+    let s = RunningServer::start(reranker(), ServerConfig::default(), "127.0.0.1:0", 1)
+        .expect("start server");
+    let r = get(s.addr, "/ready", &[]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().unwrap()["status"], "ready");
+    s.state.engine().cancel_all();
+    assert_error(&get(s.addr, "/ready", &[]).unwrap(), 503, "not_ready");
+    assert_eq!(get(s.addr, "/health", &[]).unwrap().status, 200);
+    let r = post_json(
+        s.addr,
+        "/v1/rerank",
+        &json!({"query": "q", "documents": ["a"]}),
+        &[],
+    )
+    .unwrap();
+    assert_error(&r, 503, "cancelled");
+    s.stop().unwrap();
+}
+
 #[test]
 fn fixture_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving() {
     let addr = server();

@@ -147,6 +147,12 @@ impl SharedReranker {
         self.submit(query, documents, opts, None)?.wait()
     }
 
+    /// Whether a request submitted now would be run: not cancelled or shut down, and the
+    /// embedder and scheduler threads alive.
+    pub fn is_running(&self) -> bool {
+        self.engine.is_running()
+    }
+
     /// Answers every queued and running request with `Cancelled` at the next step, and every
     /// later one at once (for shutdown after a grace period).
     pub fn cancel_all(&self) {

@@ -17,7 +17,7 @@ pub struct ErrorBody {
     /// A stable machine-readable kind. The request's fault (4xx): invalid_json,
     /// invalid_request, empty_input, tokenizer, too_many_documents, document_too_long,
     /// memory_budget, payload_too_large, unsupported_media_type, unauthorized, not_found, method_not_allowed. Retry
-    /// later (429/503): overloaded, timeout, cancelled. The server's or the model's fault
+    /// later (429/503): overloaded, timeout, cancelled, not_ready. The server's or the model's fault
     /// (500): internal, non_finite_score, model_files, backend, io.
     pub error_type: String,
     /// `error` again, where Jina's and FastAPI-style clients look for it.

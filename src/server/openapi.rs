@@ -17,6 +17,7 @@ use utoipa::OpenApi;
         rerank::rerank_v2,
         rerank::rerank_root,
         meta::health,
+        meta::ready,
         meta::info,
         meta::models,
         meta::metrics_text

@@ -33,6 +33,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(protected)
         .route("/health", get(meta::health))
+        .route("/ready", get(meta::ready))
         .route("/openapi.json", get(meta::openapi_json))
         .route("/docs", get(meta::docs_page))
         .fallback(not_found)

@@ -21,6 +21,7 @@ pub async fn serve(
     let st = state.clone();
     let signal = async move {
         shutdown.await;
+        st.begin_draining();
         tracing::info!(
             grace_seconds = st.cfg.shutdown_grace.as_secs_f64(),
             "shutting down: finishing in-flight requests"

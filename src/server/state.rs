@@ -26,6 +26,8 @@ pub struct AppState {
     pub(super) info: Info,
     /// When the server started, in Unix seconds (`/v1/models`).
     pub(super) started_unix: u64,
+    /// Set when a shutdown begins: the server finishes what it has but is no longer ready.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -61,6 +63,7 @@ impl AppState {
             metrics: Metrics::default(),
             max_doc_tokens,
             info,
+            draining: std::sync::atomic::AtomicBool::new(false),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -69,6 +72,24 @@ impl AppState {
 
     pub fn engine(&self) -> &SharedReranker {
         &self.engine
+    }
+
+    /// Why the server should not be sent new requests now, if it should not: it is shutting
+    /// down, or its engine stopped.
+    pub(super) fn not_ready(&self) -> Option<&'static str> {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            Some("the server is shutting down")
+        } else if !self.engine.is_running() {
+            Some("the engine is not running")
+        } else {
+            None
+        }
+    }
+
+    /// Marks the start of a shutdown (readiness turns off).
+    pub(super) fn begin_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The 0-1 score of a logit: the model's calibration when it has one, else the sigmoid.

@@ -236,6 +236,16 @@ impl SharedEngine {
         }
     }
 
+    /// Whether a submitted job would be run: not cancelled, not shut down, and both threads
+    /// alive (a thread that ended on its own would leave jobs unanswered).
+    pub(crate) fn is_running(&self) -> bool {
+        let open = self.tx.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        open && !self.cancelled.load(Ordering::SeqCst)
+            && !threads.is_empty()
+            && threads.iter().all(|t| !t.is_finished())
+    }
+
     /// Answers every queued and running request with `Cancelled` at the next step.
     pub(crate) fn cancel_all(&self) {
         self.cancelled.store(true, Ordering::SeqCst);

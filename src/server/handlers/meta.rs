@@ -3,16 +3,36 @@
 
 use super::super::api::{Health, Info, ModelCard, ModelList};
 use super::super::docs;
+use super::super::error::ApiError;
 use super::super::openapi::ApiDoc;
 use super::super::state::AppState;
 use axum::extract::State;
 use axum::http::header;
+use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use std::sync::Arc;
 use utoipa::OpenApi;
 
-/// Liveness: 200 while the server accepts requests.
+/// Readiness: 200 while new rerank requests will be served; 503 `not_ready` once a shutdown
+/// has begun or the engine has stopped (while liveness, `/health`, stays 200).
+#[utoipa::path(get, path = "/ready", responses(
+    (status = 200, body = Health),
+    (status = 503, description = "Shutting down, or the engine stopped", body = super::super::error::ErrorBody)))]
+pub(crate) async fn ready(State(st): State<Arc<AppState>>) -> Result<Json<Health>, ApiError> {
+    match st.not_ready() {
+        None => Ok(Json(Health {
+            status: "ready".into(),
+        })),
+        Some(why) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            why,
+        )),
+    }
+}
+
+/// Liveness: 200 while the server process answers.
 #[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
 pub(crate) async fn health() -> Json<Health> {
     Json(Health {
