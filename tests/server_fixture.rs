@@ -437,6 +437,48 @@ fn fixture_readiness_follows_the_engine() {
     s.stop().unwrap();
 }
 
+/// A shutdown ends within the grace (plus a second) even while clients hold half-sent
+/// requests open and never finish them.
+#[test]
+fn fixture_shutdown_is_bounded_whatever_clients_do() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let s = RunningServer::start(
+        reranker(),
+        ServerConfig {
+            shutdown_grace: Duration::from_millis(300),
+            ..Default::default()
+        },
+        "127.0.0.1:0",
+        1,
+    )
+    .expect("start server");
+    let stalled: Vec<std::net::TcpStream> = (0..5)
+        .map(|_| {
+            let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+            c.write_all(
+                b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"query\": ",
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(s.stop());
+    });
+    let stopped = done_rx.recv_timeout(Duration::from_secs(20));
+    let took = started.elapsed();
+    assert!(
+        matches!(stopped, Ok(Ok(()))),
+        "the server did not stop within 20 s with half-sent requests open ({stopped:?})"
+    );
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    drop(stalled);
+}
+
 #[test]
 fn fixture_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving() {
     let addr = server();

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 /// Serves `state` on `listener` until `shutdown` completes; then stops accepting connections,
 /// gives in-flight requests `shutdown_grace` to finish, answers the rest with 503 `cancelled`,
-/// and stops the engine.
+/// and stops the engine. Connections still open a second after the grace (a client that never
+/// finishes sending its request, say) are dropped: the shutdown is bounded whatever clients do.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -19,9 +20,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = router(state.clone());
     let st = state.clone();
+    let began = Arc::new(tokio::sync::Notify::new());
+    let began_tx = began.clone();
     let signal = async move {
         shutdown.await;
         st.begin_draining();
+        began_tx.notify_one();
         tracing::info!(
             grace_seconds = st.cfg.shutdown_grace.as_secs_f64(),
             "shutting down: finishing in-flight requests"
@@ -33,9 +37,18 @@ pub async fn serve(
             st.cancel_all();
         });
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(signal)
-        .await?;
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+    let grace = state.cfg.shutdown_grace;
+    let deadline = async move {
+        began.notified().await;
+        tokio::time::sleep(grace + std::time::Duration::from_secs(1)).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        _ = deadline => {
+            tracing::warn!("connections still open after the shutdown grace: dropping them");
+        }
+    }
     let st = state.clone();
     let _ = tokio::task::spawn_blocking(move || st.stop_engine()).await;
     tracing::info!("server stopped");
