@@ -437,6 +437,26 @@ fn fixture_readiness_follows_the_engine() {
     s.stop().unwrap();
 }
 
+/// A declared body over the limit is refused from its header, with no byte of the body sent
+/// (not held until the client gives up).
+#[test]
+fn fixture_oversized_content_length_is_refused_from_the_header() {
+    use std::io::{Read, Write};
+    let addr = server();
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    c.write_all(
+        b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 52428800\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = c.read(&mut answer).expect("an answer before any body byte");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+}
+
 /// A shutdown ends within the grace (plus a second) even while clients hold half-sent
 /// requests open and never finish them.
 #[test]

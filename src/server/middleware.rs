@@ -110,9 +110,30 @@ pub(super) async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Ne
 
 /// POST bodies must be JSON, declared as such: a browser page can send `text/plain` across
 /// origins without a preflight, so taking any media type would let any web page a user opens
-/// post to a server without a key. Compressed bodies are refused rather than misread.
-pub(super) async fn json_only(req: Request, next: Next) -> Response {
+/// post to a server without a key. Compressed bodies are refused rather than misread, and a
+/// declared length over the body limit is refused from the header, before any byte of the body
+/// is waited for.
+pub(super) async fn json_only(
+    State(st): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let headers = req.headers();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(len) = declared.filter(|&len| len > st.cfg.max_body_bytes as u64) {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the request body is {len} bytes; the server's limit is {}",
+                st.cfg.max_body_bytes
+            ),
+        )
+        .into_response();
+    }
     let media_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

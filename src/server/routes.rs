@@ -23,7 +23,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/rerank/", post(rerank::rerank_v2))
         .route("/rerank", post(rerank::rerank_root))
         .route("/rerank/", post(rerank::rerank_root))
-        .route_layer(middleware::from_fn(json_only));
+        .route_layer(middleware::from_fn_with_state(state.clone(), json_only));
     let protected = Router::new()
         .merge(rerank)
         .route("/v1/models", get(meta::models))
