@@ -185,8 +185,11 @@ fn held_out_report(judged: &[Judged]) -> Result<Option<HeldOut>> {
         let (scale, bias) = scores::fit_platt(&logits, &relevant)?;
         for (_, j) in test {
             for (&l, &p) in j.logits.iter().zip(&j.pairs) {
-                let calibrated = 1.0 / (1.0 + (-(scale * l as f64 + bias)).exp());
-                held.push((scores::sigmoid_probability(l), calibrated, p));
+                held.push((
+                    scores::sigmoid_probability(l),
+                    scores::platt(scale, bias, l),
+                    p,
+                ));
             }
         }
     }

@@ -59,9 +59,13 @@ impl ScoreCalibration {
     /// The calibrated probability of relevance of `logit` (increasing in it: `scale` > 0 is
     /// checked when a calibration is loaded).
     pub fn apply(&self, logit: f32) -> f32 {
-        let z = self.scale * logit as f64 + self.bias;
-        (1.0 / (1.0 + (-z).exp())) as f32
+        platt(self.scale, self.bias, logit) as f32
     }
+}
+
+/// `sigmoid(scale * logit + bias)`.
+pub fn platt(scale: f64, bias: f64, logit: f32) -> f64 {
+    1.0 / (1.0 + (-(scale * logit as f64 + bias)).exp())
 }
 
 /// Fits `sigmoid(scale * x + bias)` to binary labels by Newton's method on the log loss, with
@@ -206,7 +210,7 @@ mod tests {
         // probability, over 200 copies.
         for i in 0..=60 {
             let x = i as f32 * 0.25;
-            let p = 1.0 / (1.0 + (-(scale * x as f64 + bias)).exp());
+            let p = platt(scale, bias, x);
             let pos = (p * 200.0).round() as usize;
             for j in 0..200 {
                 logits.push(x);

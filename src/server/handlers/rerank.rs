@@ -49,6 +49,17 @@ struct Answer {
     echo: Option<Vec<Value>>,
 }
 
+impl Answer {
+    /// The logit itself with `raw_scores`, else the server's 0-1 score of it.
+    fn score(&self, st: &AppState, logit: f32) -> f32 {
+        if self.raw_scores {
+            logit
+        } else {
+            st.relevance(logit)
+        }
+    }
+}
+
 /// The text a document is ranked by: a string as is; an object's `text` field, or the fields
 /// `rank_fields` names joined as `field: value` lines.
 fn document_text(
@@ -161,11 +172,12 @@ fn cohere_response(
     st: &AppState,
     id: String,
     out: RerankOutput,
-    answer: Answer,
+    mut answer: Answer,
     version: &str,
 ) -> CohereResponse {
     let mut echo: Vec<Option<Value>> = answer
         .echo
+        .take()
         .map(|docs| docs.into_iter().map(Some).collect())
         .unwrap_or_default();
     let results = out
@@ -173,11 +185,7 @@ fn cohere_response(
         .iter()
         .map(|s| CohereResult {
             index: s.index,
-            relevance_score: if answer.raw_scores {
-                s.logit
-            } else {
-                st.relevance(s.logit)
-            },
+            relevance_score: answer.score(st, s.logit),
             document: echo.get_mut(s.index).and_then(Option::take),
         })
         .collect();
@@ -215,11 +223,7 @@ fn tei_response(
         .iter()
         .map(|s| TeiResult {
             index: s.index,
-            score: if answer.raw_scores {
-                s.logit
-            } else {
-                st.relevance(s.logit)
-            },
+            score: answer.score(st, s.logit),
             text: with_text.then(|| std::mem::take(&mut docs[s.index])),
         })
         .collect()
