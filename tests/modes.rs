@@ -44,9 +44,10 @@ fn run(
     let mut req = base.clone();
     req.opts.mode = mode;
     req.opts.top_k = k;
+    // The model's own rule (its built-in profile) in the mode asked for.
     req.opts.prune = Some(PruneConfig {
         mode: prune,
-        ..Default::default()
+        ..r.prune_config().clone()
     });
     common::ranked(r, &req)
 }
@@ -130,6 +131,12 @@ fn scores_do_not_depend_on_batch_mates() {
 
 #[test]
 fn pruning_is_deterministic_and_saves_compute_on_the_layerwise_model() {
+    if std::env::var("GRATING_TEST_WEIGHTS").is_ok_and(|w| w == "f16") {
+        println!(
+            "skipped: f16 copies of the shared models are other checkpoints (no built-in profile)"
+        );
+        return;
+    }
     let Some(r) = load("minilm-l6-msmarco-layerwise") else {
         return;
     };
@@ -174,4 +181,29 @@ fn plain_model_early_layers_do_not_trigger_pruning() {
             );
         }
     }
+}
+
+/// The shared models' built-in profiles are found by fingerprint: the layerwise model gets the
+/// margin rule with movement for its ranking layers; the plain model is never pruned (its
+/// layers before the last do not rank, so its profile switches every layer off).
+#[test]
+fn built_in_profiles_are_found_for_the_shared_models() {
+    if std::env::var("GRATING_TEST_WEIGHTS").is_ok_and(|w| w == "f16") {
+        println!(
+            "skipped: f16 copies of the shared models are other checkpoints (no built-in profile)"
+        );
+        return;
+    }
+    let Some(lw) = load("minilm-l6-msmarco-layerwise") else {
+        return;
+    };
+    let cfg = lw.prune_config();
+    assert_eq!(cfg.rule, grating::prune::RuleKind::Margin);
+    assert!(cfg.movement.len() == 5 && cfg.movement[3].is_some() && cfg.movement[4].is_some());
+    assert!(cfg.movement[..3].iter().all(Option::is_none));
+    let Some(plain) = load("minilm-l6-msmarco-distilled") else {
+        return;
+    };
+    let cfg = plain.prune_config();
+    assert!((1..=6).all(|l| !cfg.may_prune_after(l)), "{cfg:?}");
 }

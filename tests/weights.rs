@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::Req;
-use grating::{EngineOptions, Reranker};
+use grating::Reranker;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -31,7 +31,7 @@ fn copy_with(fixture: &str, name: &str, tensors: &HashMap<String, Tensor>) -> Pa
 }
 
 fn scores(dir: &Path) -> Vec<f32> {
-    let r = Reranker::load(dir.to_str().unwrap(), &EngineOptions::default()).unwrap();
+    let r = Reranker::load(dir.to_str().unwrap(), &common::isolated_options()).unwrap();
     let mut req = Req::new(
         "a query about shards",
         vec![
@@ -49,7 +49,7 @@ fn scores(dir: &Path) -> Vec<f32> {
 }
 
 fn load_err(dir: &Path) -> String {
-    match Reranker::load(dir.to_str().unwrap(), &EngineOptions::default()) {
+    match Reranker::load(dir.to_str().unwrap(), &common::isolated_options()) {
         Ok(_) => panic!("{} loaded but should not", dir.display()),
         Err(e) => e.to_string(),
     }

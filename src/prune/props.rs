@@ -3,7 +3,7 @@
 //! candidates, in the engine's chunk order rather than by index), in every [`PruneMode`].
 
 use super::state::PruneState;
-use super::{PruneConfig, PruneMode};
+use super::{PruneConfig, PruneMode, RuleKind};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
@@ -31,25 +31,37 @@ fn matrix() -> impl Strategy<Value = Vec<Vec<f32>>> {
 }
 
 fn config(layers: usize) -> impl Strategy<Value = PruneConfig> {
+    let movement = prop::collection::vec(
+        prop_oneof![1 => Just(None), 3 => (0.0f32..20.0).prop_map(Some)],
+        0..=layers,
+    );
     (
         prop_oneof![
             2 => Just(PruneMode::TopK),
             2 => Just(PruneMode::ExactOrder),
             1 => Just(PruneMode::Off),
         ],
+        prop_oneof![Just(RuleKind::Cluster), Just(RuleKind::Margin)],
         prop_oneof![Just(0.0f32), Just(super::DEFAULT_THRESHOLD), 0.0f32..1.0],
         prop_oneof![2 => Just(1), 1 => 1..=layers + 1],
         2usize..=8,
         0.0f32..1.0,
+        movement,
+        prop_oneof![Just(0.0f32), Just(super::DEFAULT_MARGIN), 0.0f32..3.0],
     )
         .prop_map(
-            |(mode, threshold, first_layer, max_clusters, sse_ratio)| PruneConfig {
-                mode,
-                threshold,
-                first_layer,
-                max_clusters,
-                sse_ratio,
-                schedule: Vec::new(),
+            |(mode, rule, threshold, first_layer, max_clusters, sse_ratio, movement, margin)| {
+                PruneConfig {
+                    mode,
+                    rule,
+                    movement,
+                    margin,
+                    threshold,
+                    first_layer,
+                    max_clusters,
+                    sse_ratio,
+                    schedule: Vec::new(),
+                }
             },
         )
 }
@@ -293,5 +305,54 @@ proptest! {
                 .collect();
             prop_assert_eq!(bits(&ranking), bits(&top_k(kept, k)));
         }
+    }
+}
+
+/// Integer-valued score matrices (exact in f32 after adding an integer offset).
+fn integer_matrix() -> impl Strategy<Value = Vec<Vec<f32>>> {
+    (2usize..=6, 2usize..=30).prop_flat_map(|(layers, n)| {
+        prop::collection::vec(
+            prop::collection::vec((-40i32..=40).prop_map(|v| v as f32), n),
+            layers,
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// A head's logits carry an arbitrary offset: adding a constant to every score of every
+    /// layer changes no decision of the margin rule (movements and margins in quarter units,
+    /// scores in integers, so every sum is exact).
+    #[test]
+    fn the_margin_rule_ignores_a_constant_offset(
+        m in integer_matrix(),
+        offset in -1000i32..=1000,
+        quarters in prop::collection::vec(prop::option::of(0u8..=40), 6),
+        margin_quarters in 0u8..=12,
+        k in 1usize..=10,
+        exact in any::<bool>(),
+    ) {
+        let mut cfg = PruneConfig::margin(
+            quarters.iter().map(|q| q.map(|q| q as f32 / 4.0)).collect(),
+            margin_quarters as f32 / 4.0,
+        );
+        if exact {
+            cfg.mode = PruneMode::ExactOrder;
+        }
+        let k = k.min(m[0].len());
+        let shifted: Vec<Vec<f32>> = m
+            .iter()
+            .map(|row| row.iter().map(|s| s + offset as f32).collect())
+            .collect();
+        let a = super::state::replay(&cfg, &m, k);
+        let b = super::state::replay(&cfg, &shifted, k);
+        let ids = |r: &super::state::Replay| r.ranking.iter().map(|x| x.0).collect::<Vec<_>>();
+        prop_assert_eq!(ids(&a), ids(&b));
+        prop_assert_eq!(&a.layers_per_candidate, &b.layers_per_candidate);
+        let counts = |r: &super::state::Replay| {
+            r.events.iter().map(|e| (e.layer, e.accepted, e.dropped)).collect::<Vec<_>>()
+        };
+        prop_assert_eq!(counts(&a), counts(&b));
     }
 }

@@ -3,7 +3,7 @@
 //! and evaluation replay recorded per-layer scores through the same code, so a simulated
 //! decision is exactly the decision the engine would take.
 
-use super::{decide, PruneConfig, PruneEvent, PruneMode};
+use super::{decide, PruneConfig, PruneEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fate {
@@ -52,14 +52,7 @@ impl PruneState {
     /// only runs the head where a decision is possible).
     pub fn wants_scores(&self, layer: usize) -> bool {
         let slots = self.k - self.accepted;
-        if !self.cfg.schedule.is_empty() && !self.cfg.schedule.iter().any(|&(l, _)| l == layer) {
-            return false;
-        }
-        layer < self.num_layers
-            && self.cfg.mode != PruneMode::Off
-            && layer >= self.cfg.first_layer
-            && slots > 0
-            && self.live > slots
+        layer < self.num_layers && self.cfg.may_prune_after(layer) && slots > 0 && self.live > slots
     }
 
     /// Applies the decision for the live candidates `ids` scored `scores` after `layer`.
@@ -70,7 +63,7 @@ impl PruneState {
         }
         let slots = self.k - self.accepted;
         let d = if self.cfg.schedule.is_empty() {
-            decide(&self.cfg, scores, slots)
+            decide(&self.cfg, layer, scores, slots)
         } else {
             self.scheduled(layer, scores)
         };
@@ -94,6 +87,7 @@ impl PruneState {
             dropped: d.drop.len(),
             dispersion: d.dispersion,
             clusters: d.clusters,
+            margin_logits: d.margin_logits,
         });
         self.accepted += d.accept.len();
         self.live -= d.accept.len() + d.drop.len();
@@ -109,8 +103,7 @@ impl PruneState {
             .find(|&&(l, _)| l == layer)
             .map_or(1.0, |&(_, f)| f);
         let keep = ((frac as f64 * self.fate.len() as f64).ceil() as usize).max(self.k);
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        let order = super::best_first(scores);
         super::Decision {
             drop: order.get(keep..).map(<[usize]>::to_vec).unwrap_or_default(),
             dispersion: super::dispersion(scores),
@@ -189,11 +182,7 @@ mod tests {
     #[test]
     fn replay_without_pruning_is_full_ranking() {
         let scores = vec![vec![1.0, 2.0, 3.0], vec![3.0, 1.0, 2.0]];
-        let cfg = PruneConfig {
-            mode: PruneMode::Off,
-            ..Default::default()
-        };
-        let r = replay(&cfg, &scores, 2);
+        let r = replay(&PruneConfig::off(), &scores, 2);
         assert_eq!(r.ranking, vec![(0, 3.0), (2, 2.0)]);
         assert_eq!(r.layers_per_candidate, vec![2, 2, 2]);
     }
@@ -204,12 +193,25 @@ mod tests {
         let mut l1 = vec![10.0, 10.1];
         l1.extend((0..20).map(|i| -5.0 + 0.01 * i as f32));
         let l2: Vec<f32> = (0..22).map(|i| i as f32).collect();
-        let r = replay(&PruneConfig::default(), &[l1, l2.clone(), l2], 2);
-        assert_eq!(
-            r.ranking.iter().map(|x| x.0).collect::<Vec<_>>(),
-            vec![1, 0]
-        );
-        assert!(r.layers_per_candidate.iter().all(|&l| l == 1));
-        assert_eq!(r.events.len(), 1);
+        for cfg in [
+            PruneConfig::cluster(),
+            PruneConfig::margin(vec![Some(2.0), Some(2.0)], 1.0),
+        ] {
+            let r = replay(&cfg, &[l1.clone(), l2.clone(), l2.clone()], 2);
+            assert_eq!(
+                r.ranking.iter().map(|x| x.0).collect::<Vec<_>>(),
+                vec![1, 0]
+            );
+            assert!(r.layers_per_candidate.iter().all(|&l| l == 1));
+            assert_eq!(r.events.len(), 1);
+        }
+    }
+
+    #[test]
+    fn an_uncalibrated_margin_rule_computes_every_layer() {
+        let l1: Vec<f32> = (0..22).map(|i| i as f32).collect();
+        let r = replay(&PruneConfig::default(), &[l1.clone(), l1.clone(), l1], 2);
+        assert!(r.events.is_empty());
+        assert!(r.layers_per_candidate.iter().all(|&l| l == 3));
     }
 }

@@ -166,12 +166,12 @@ impl RerankerBuilder {
             None => PruneConfig::default(),
         };
         let execution = opts.execution()?;
+        let profile_dir = opts
+            .profile_dir
+            .clone()
+            .unwrap_or_else(profile::default_profile_dir);
         let score_calibration = if opts.use_profile {
-            let dir = opts
-                .profile_dir
-                .clone()
-                .unwrap_or_else(profile::default_profile_dir);
-            let c = super::scores::load(&dir, &files)?;
+            let c = super::scores::load(&profile_dir, &files)?;
             if let Some(c) = &c {
                 tracing::info!(scale = c.scale, bias = c.bias, "using calibrated scores");
             }
@@ -195,6 +195,7 @@ impl RerankerBuilder {
             prune,
             execution,
             score_calibration,
+            profile_dir,
         })
     }
 }
@@ -231,22 +232,35 @@ fn resolve_weights(
     }
 }
 
-/// The built-in rule with the model's calibrated threshold and first layer, if it has a
-/// profile.
+/// The model's calibrated rule (its saved or built-in profile). A model without one is not
+/// pruned: the margin rule needs the model's score movement, and a guessed one is exactly the
+/// default that fails on data it was not tuned on. Monolithic forwarding still runs, at the
+/// cost of full inference (about 1.0x its latency); `grating calibrate` or the server's
+/// self-calibration gives it a profile.
 fn profile_rule(files: &ModelFiles, opts: &EngineOptions) -> Result<PruneConfig> {
     let dir = opts
         .profile_dir
         .clone()
         .unwrap_or_else(profile::default_profile_dir);
-    let mut cfg = PruneConfig::default();
-    if let Some(p) = profile::load(&dir, files)? {
-        cfg.threshold = p.threshold;
-        cfg.first_layer = p.first_layer;
-        tracing::info!(
-            threshold = p.threshold,
-            first_layer = p.first_layer,
-            "using calibrated pruning profile"
-        );
+    match profile::load(&dir, files)? {
+        Some(p) => {
+            let cfg = p.config();
+            tracing::info!(
+                rule = ?cfg.rule,
+                margin = cfg.margin,
+                threshold = p.threshold,
+                first_layer = p.first_layer,
+                source = %p.source,
+                "using calibrated pruning profile"
+            );
+            Ok(cfg)
+        }
+        None => {
+            tracing::info!(
+                "no pruning profile for this model: nothing is pruned until `grating calibrate` \
+                 (or `grating serve`'s self-calibration) measures it"
+            );
+            Ok(PruneConfig::default())
+        }
     }
-    Ok(cfg)
 }

@@ -44,6 +44,8 @@ pub struct Reranker {
     execution: Execution,
     /// The model's score calibration, when one was fitted (see [`scores`]).
     score_calibration: Option<ScoreCalibration>,
+    /// Where the model's profiles are read from and learned ones written.
+    profile_dir: std::path::PathBuf,
 }
 
 impl Reranker {
@@ -99,6 +101,12 @@ impl Reranker {
     }
 
     /// The pruning rule requests use unless they bring their own.
+    /// The directory of the model's pruning and score profiles (`EngineOptions::profile_dir`
+    /// or the platform's default): where the server's self-calibration saves what it learns.
+    pub fn profile_dir(&self) -> &std::path::Path {
+        &self.profile_dir
+    }
+
     pub fn prune_config(&self) -> &PruneConfig {
         &self.prune
     }

@@ -163,6 +163,18 @@ pub fn engine_options() -> grating::EngineOptions {
     grating::EngineOptions {
         device,
         dtype,
+        ..isolated_options()
+    }
+}
+
+/// Default options, except that profiles come from (and a server's self-calibration writes
+/// to) an empty directory of this test process: profiles saved on this machine must not
+/// change what the tests check, and the tests must not leave any behind. Only the built-in
+/// profiles apply.
+pub fn isolated_options() -> grating::EngineOptions {
+    let dir = std::env::temp_dir().join(format!("grating-tests-profiles-{}", std::process::id()));
+    grating::EngineOptions {
+        profile_dir: Some(dir),
         ..Default::default()
     }
 }
