@@ -22,9 +22,11 @@ struct Cli {
 enum Command {
     /// Rank a documents file against one query and print the top K.
     Rerank(cli::rerank::RerankArgs),
-    /// Evaluate full and grating modes on TREC DL (nDCG, P@K, agreement, compute saved).
+    /// Evaluate grating against full inference out of fold: agreement, nDCG, compute share and
+    /// latency ratio, on a TREC DL / BEIR directory or a jsonl of requests.
     Eval(cli::eval::EvalArgs),
-    /// Find the lowest pruning threshold that meets a top-K agreement target; save it.
+    /// Calibrate the pruning rule on sample requests (reported out of fold) and save it as the
+    /// model's profile; or, with --scores, what the model's scores mean.
     Calibrate(cli::calibrate::CalibrateArgs),
     /// Measure latency and peak memory of modes side by side in one run.
     Bench(cli::bench::BenchArgs),

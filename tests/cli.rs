@@ -342,36 +342,63 @@ fn calibration_writes_a_profile_that_rerank_uses() {
             .unwrap()
     };
     let data = shared.join("data/trec-dl19-subset");
-    let o = run(&[
-        "calibrate",
-        "--model",
-        &m,
-        "--queries",
-        data.to_str().unwrap(),
-        "--candidates",
-        "40",
-        "--limit",
-        "3",
-        "--thresholds",
-        "0.05,0.15,0.3,5",
-        "--target-agreement",
-        "0.9",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("chosen threshold"), "{out}");
-    let files: Vec<_> = std::fs::read_dir(&profiles).unwrap().collect();
-    assert_eq!(files.len(), 1, "one profile for the model");
-    let p: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(files[0].as_ref().unwrap().path()).unwrap())
-            .unwrap();
+    let cache = tmp("profile-cache").join("scores.json");
+    let calibrate = |extra: &[&str]| {
+        let mut a = vec![
+            "calibrate",
+            "--model",
+            &m,
+            "--queries",
+            data.to_str().unwrap(),
+            "--candidates",
+            "40",
+            "--limit",
+            "10",
+            "--top-k",
+            "1,5",
+            "--folds",
+            "2",
+            "--target-agreement",
+            "0.9",
+            "--scores-cache",
+            cache.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        let o = run(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let files: Vec<_> = std::fs::read_dir(&profiles).unwrap().collect();
+        assert_eq!(files.len(), 1, "one profile for the model");
+        let p: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(files[0].as_ref().unwrap().path()).unwrap(),
+        )
+        .unwrap();
+        (String::from_utf8_lossy(&o.stdout).to_string(), p)
+    };
+    // The paper's cluster rule: a threshold from the list, reported out of fold.
+    let (out, p) = calibrate(&["--rule", "cluster", "--thresholds", "0.05,0.15,0.3,5"]);
+    assert!(
+        out.contains("out of fold") && out.contains("chosen threshold"),
+        "{out}"
+    );
     let t = p["threshold"].as_f64().unwrap();
     assert!(
         [0.05, 0.15, 0.3, 5.0].iter().any(|x| (x - t).abs() < 1e-6),
         "{p}"
     );
-    assert!(p["measured_agreement"].as_f64().unwrap() >= 0.9);
-    // A later run of the same model picks the profile up when --threshold is not given.
+    // The default margin rule (from the recorded scores, not recomputed): movement per layer
+    // and a margin, with the out-of-fold rows at N = 20, 40 and K = 1, 5.
+    let (out, p) = calibrate(&[]);
+    assert!(out.contains("chosen margin"), "{out}");
+    assert_eq!(p["rule"], "margin", "{p}");
+    assert_eq!(p["movement"].as_array().unwrap().len(), 5, "{p}");
+    assert!(p["margin"].as_f64().unwrap() > 0.0);
+    let rows = p["held_out"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{p}");
+    for r in rows {
+        assert_eq!(r["requests"], 10, "{r}");
+    }
+    assert!(p["source"].as_str().unwrap().contains("10 requests"), "{p}");
+    // A later run of the same model picks the profile up.
     let docs = tmp("profile-docs").join("d.txt");
     std::fs::write(&docs, "one passage\nanother passage\nthird passage\n").unwrap();
     let o = run(&[
@@ -386,8 +413,10 @@ fn calibration_writes_a_profile_that_rerank_uses() {
         "1",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The saved profile wins over the built-in one (the log names its source).
     assert!(
-        stderr(&o).contains("using calibrated pruning profile"),
+        stderr(&o).contains("using calibrated pruning profile")
+            && stderr(&o).contains("10 requests"),
         "{}",
         stderr(&o)
     );

@@ -354,18 +354,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 if let Some(d) = args.model.dtype {
                     c.args(["--dtype", &format!("{d:?}").to_lowercase()]);
                 }
-                c.args(["--prune", &args.prune.prune]);
-                if args.prune.exact_order {
-                    c.arg("--exact-order");
-                }
-                if let Some(t) = args.prune.threshold {
-                    c.args(["--threshold", &t.to_string()]);
-                }
-                if let Some(f) = args.prune.first_layer {
-                    c.args(["--first-layer", &f.to_string()]);
-                }
-                c.args(["--max-clusters", &args.prune.max_clusters.to_string()]);
-                c.args(["--sse-ratio", &args.prune.sse_ratio.to_string()]);
+                c.args(args.prune.to_args());
                 if let Some(s) = &args.schedule {
                     c.args(["--schedule", s]);
                 }

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use grating::prune::{PruneConfig, PruneMode, DEFAULT_MAX_CLUSTERS, DEFAULT_SSE_RATIO};
+use grating::prune::{PruneConfig, PruneMode, RuleKind, DEFAULT_MAX_CLUSTERS, DEFAULT_SSE_RATIO};
 use grating::reranker::GpuPath;
 use std::path::PathBuf;
 
@@ -124,24 +124,33 @@ pub fn parse_device(s: &str) -> Result<candle_core::Device> {
 /// Pruning flags.
 #[derive(Args, Debug, Clone)]
 pub struct PruneArgs {
-    /// Pruning: top-k (accept and drop clusters), off (monolithic only, exact scores).
+    /// Pruning: top-k (accept and drop), off (monolithic only, exact scores).
     #[arg(long, default_value = "top-k", value_parser = ["top-k", "off"])]
     pub prune: String,
     /// Drop losers only: the top K run every layer, so their order and scores equal full mode.
     #[arg(long)]
     pub exact_order: bool,
-    /// Dispersion threshold (std / (|mean| + 1) of a layer's scores) above which a layer prunes.
-    /// Default: the calibrated profile of the model if there is one, else 0.15.
+    /// The rule: margin (score margins in units of the model's measured score movement; needs
+    /// a calibrated profile) or cluster (the paper's dispersion-gated clusters). Default: the
+    /// profile's rule; cluster when --threshold is given.
+    #[arg(long, value_parser = ["margin", "cluster"])]
+    pub rule: Option<String>,
+    /// Margin rule: movement units between a dropped (accepted) candidate and the K-th best
+    /// (the (K+1)-th). Default: the profile's. Larger is safer and prunes less.
+    #[arg(long)]
+    pub margin: Option<f32>,
+    /// Cluster rule: dispersion threshold (std / (|mean| + 1) of a layer's scores) above
+    /// which a layer prunes. Default: the profile's, else 0.15.
     #[arg(long)]
     pub threshold: Option<f32>,
     /// First layer (1-based) after which pruning may happen. Default: the profile's, else 1.
     #[arg(long)]
     pub first_layer: Option<usize>,
-    /// Most clusters the 1-D k-means may use.
+    /// Cluster rule: most clusters the 1-D k-means may use.
     #[arg(long, default_value_t = DEFAULT_MAX_CLUSTERS)]
     pub max_clusters: usize,
-    /// Cluster count rule: the smallest k whose within-cluster SSE is at most this share of
-    /// the total.
+    /// Cluster rule: the smallest k whose within-cluster SSE is at most this share of the
+    /// total.
     #[arg(long, default_value_t = DEFAULT_SSE_RATIO)]
     pub sse_ratio: f32,
 }
@@ -151,8 +160,16 @@ impl PruneArgs {
     /// one) with the values these flags set.
     pub fn config(&self, base: &PruneConfig) -> Result<PruneConfig> {
         let mut cfg = base.clone();
+        match (self.rule.as_deref(), self.threshold) {
+            (Some("cluster"), _) | (None, Some(_)) => cfg.rule = RuleKind::Cluster,
+            (Some(_), _) => cfg.rule = RuleKind::Margin,
+            (None, None) => {}
+        }
         if let Some(t) = self.threshold {
             cfg.threshold = t;
+        }
+        if let Some(m) = self.margin {
+            cfg.margin = m;
         }
         if let Some(f) = self.first_layer {
             cfg.first_layer = f;
@@ -166,6 +183,31 @@ impl PruneArgs {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The same flags as command-line arguments (for benchmarks that run the binary).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec!["--prune".to_string(), self.prune.clone()];
+        if self.exact_order {
+            a.push("--exact-order".into());
+        }
+        let mut opt = |flag: &str, v: Option<String>| {
+            if let Some(v) = v {
+                a.push(flag.into());
+                a.push(v);
+            }
+        };
+        opt("--rule", self.rule.clone());
+        opt("--margin", self.margin.map(|v| v.to_string()));
+        opt("--threshold", self.threshold.map(|v| v.to_string()));
+        opt("--first-layer", self.first_layer.map(|v| v.to_string()));
+        a.extend([
+            "--max-clusters".into(),
+            self.max_clusters.to_string(),
+            "--sse-ratio".into(),
+            self.sse_ratio.to_string(),
+        ]);
+        a
     }
 }
 

@@ -1,24 +1,30 @@
-//! `grating eval`: ranking quality of full and grating modes on TREC DL 2019 with BM25
-//! candidates, the agreement of grating's top K with full inference, and the compute it saved.
+//! `grating eval`: ranking quality of full and grating modes on a judged collection with BM25
+//! candidates (or agreement only, on a jsonl of requests), the agreement of grating's top K
+//! with full inference, the compute it saved and its latency against full mode, out of fold
+//! by default.
 
 use super::common::{BatchArgs, ModelArgs, PruneArgs};
 use anyhow::{bail, Result};
 use clap::Args;
 use grating::eval::dl19::Dl19;
-use grating::eval::metrics::{ndcg_at, precision_at, topk_agreement};
+use grating::eval::metrics::ndcg_at;
+use grating::prune::calibrate;
 use grating::prune::state::replay;
-use grating::prune::PruneConfig;
-use grating::{RerankOptions, Reranker};
+use grating::prune::{PruneConfig, PruneMode, RuleKind};
+use grating::{Mode, RerankOptions, Reranker};
 use std::path::PathBuf;
+use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// TREC DL directory (corpus.jsonl, queries.jsonl, qrels.tsv).
+    /// A TREC DL or BEIR directory (corpus.jsonl, queries.jsonl, qrels), or a jsonl file of
+    /// {"query", "documents"} requests (agreement with full inference only: no judgments).
     #[arg(long, default_value = "../shared/data/trec-dl19-subset")]
     pub data: PathBuf,
-    /// BM25 candidates per query (comma-separated list).
+    /// BM25 candidates per query (comma-separated list; requests of a jsonl file are cut to
+    /// their first N).
     #[arg(long, value_delimiter = ',', default_value = "20,100")]
     pub candidates: Vec<usize>,
     /// K values (comma-separated list).
@@ -26,11 +32,23 @@ pub struct EvalArgs {
     pub top_k: Vec<usize>,
     #[command(flatten)]
     pub prune: PruneArgs,
-    /// Evaluate only the first N judged queries.
+    /// Evaluate only the first N queries.
     #[arg(long)]
     pub queries: Option<usize>,
-    /// Only replay the pruning rule on recorded per-layer scores (fast); by default grating mode
-    /// also runs for real and must agree with the replay.
+    /// Folds (by query) for out-of-fold numbers: each request is measured with the rule
+    /// `grating calibrate` fits on the other folds (nested: the margin is chosen on those
+    /// folds too). 0 measures the model's own rule (its profile) on every request, which is
+    /// in-sample for the requests the profile was calibrated on.
+    #[arg(long, default_value_t = calibrate::DEFAULT_FOLDS)]
+    pub folds: usize,
+    /// With --folds: the calibration targets (as `grating calibrate`).
+    #[arg(long, default_value_t = 0.99)]
+    pub target_agreement: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub min_agreement: f64,
+    /// Only replay the pruning rule on recorded per-layer scores (fast); by default grating
+    /// mode also runs for real, must agree with the replay, and is timed against full mode
+    /// (alternating, same requests) for the latency ratio.
     #[arg(long)]
     pub replay_only: bool,
     /// Print one JSON object instead of a table.
@@ -38,39 +56,12 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
-/// Per-layer scores of every candidate of every judged query, with the doc ids.
-pub struct Recorded {
-    pub qid: String,
-    pub query: String,
-    pub doc_idx: Vec<usize>,
-    pub layer_scores: Vec<Vec<f32>>,
-}
-
-pub fn record(
-    reranker: &Reranker,
-    data: &Dl19,
-    n: usize,
-    limit: Option<usize>,
-) -> Result<Vec<Recorded>> {
-    let mut out = Vec::new();
-    for (qid, query) in data.queries.iter().take(limit.unwrap_or(usize::MAX)) {
-        let doc_idx = data.candidates(query, n);
-        if doc_idx.is_empty() {
-            continue;
-        }
-        let docs: Vec<&str> = doc_idx
-            .iter()
-            .map(|&d| data.doc_texts[d].as_str())
-            .collect();
-        let (layer_scores, _) = reranker.layer_scores(query, &docs, &RerankOptions::default())?;
-        out.push(Recorded {
-            qid: qid.clone(),
-            query: query.clone(),
-            doc_idx,
-            layer_scores,
-        });
-    }
-    Ok(out)
+/// One evaluated request: its documents and, for judged collections, their ids and qrels.
+struct Request {
+    query: String,
+    qid: Option<String>,
+    docs: Vec<String>,
+    doc_ids: Vec<String>,
 }
 
 #[derive(serde::Serialize, Default, Clone)]
@@ -79,147 +70,259 @@ pub struct Row {
     pub k: usize,
     pub queries: usize,
     pub ndcg10_full: f64,
-    pub ndcg_k_full: f64,
-    pub ndcg_k_grating: f64,
-    pub p_at_k_full: f64,
-    pub p_at_k_grating: f64,
+    pub ndcg10_grating: f64,
+    pub ndcg10_change: f64,
     pub agreement: f64,
     pub min_agreement: f64,
     pub compute_share: f64,
+    /// Grating's total time over full mode's on the same requests (0 with --replay-only).
+    pub latency_ratio: f64,
     pub engine_mismatches: usize,
 }
 
-/// Metrics of the pruning rule `cfg` replayed on recorded scores.
-pub fn score_rows(data: &Dl19, recs: &[Recorded], n: usize, k: usize, cfg: &PruneConfig) -> Row {
-    let mut row = Row {
-        candidates: n,
-        k,
-        min_agreement: 1.0,
-        ..Default::default()
-    };
-    let mut computed = 0usize;
-    let mut possible = 0usize;
-    for r in recs {
-        let qrels = &data.qrels[&r.qid];
-        let last = r.layer_scores.last().expect("at least one layer");
-        let mut full: Vec<usize> = (0..r.doc_idx.len()).collect();
-        full.sort_by(|&a, &b| last[b].total_cmp(&last[a]).then(a.cmp(&b)));
-        let rep = replay(cfg, &r.layer_scores, k);
-        let grating: Vec<usize> = rep.ranking.iter().map(|x| x.0).collect();
-        let ids = |v: &[usize]| -> Vec<&str> {
-            v.iter()
-                .map(|&i| data.doc_ids[r.doc_idx[i]].as_str())
-                .collect()
-        };
-        let (fi, gi) = (ids(&full), ids(&grating));
-        let kk = k.min(10);
-        row.ndcg10_full += ndcg_at(&fi, qrels, 10);
-        row.ndcg_k_full += ndcg_at(&fi, qrels, kk);
-        row.ndcg_k_grating += ndcg_at(&gi, qrels, kk);
-        row.p_at_k_full += precision_at(&fi, qrels, k);
-        row.p_at_k_grating += precision_at(&gi, qrels, k);
-        let a = topk_agreement(&grating, &full, k);
-        row.agreement += a;
-        row.min_agreement = row.min_agreement.min(a);
-        computed += rep.layers_per_candidate.iter().sum::<usize>();
-        possible += r.doc_idx.len() * r.layer_scores.len();
-        row.queries += 1;
+fn load_requests(args: &EvalArgs, nmax: usize) -> Result<(Vec<Request>, Option<Dl19>)> {
+    if args.data.is_dir() {
+        let data = Dl19::load(&args.data)?;
+        let reqs = data
+            .queries
+            .iter()
+            .take(args.queries.unwrap_or(usize::MAX))
+            .map(|(qid, q)| {
+                let idx = data.candidates(q, nmax);
+                Request {
+                    query: q.clone(),
+                    qid: Some(qid.clone()),
+                    docs: idx.iter().map(|&d| data.doc_texts[d].clone()).collect(),
+                    doc_ids: idx.iter().map(|&d| data.doc_ids[d].clone()).collect(),
+                }
+            })
+            .collect();
+        return Ok((reqs, Some(data)));
     }
-    let q = row.queries.max(1) as f64;
-    for v in [
-        &mut row.ndcg10_full,
-        &mut row.ndcg_k_full,
-        &mut row.ndcg_k_grating,
-        &mut row.p_at_k_full,
-        &mut row.p_at_k_grating,
-        &mut row.agreement,
-    ] {
-        *v /= q;
-    }
-    row.compute_share = computed as f64 / possible.max(1) as f64;
-    row
+    let reqs = super::calibrate::read_requests(&args.data, nmax)?
+        .into_iter()
+        .take(args.queries.unwrap_or(usize::MAX))
+        .map(|(q, mut docs)| {
+            docs.truncate(nmax);
+            let doc_ids = (0..docs.len()).map(|i| i.to_string()).collect();
+            Request {
+                query: q,
+                qid: None,
+                docs,
+                doc_ids,
+            }
+        })
+        .collect();
+    Ok((reqs, None))
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    if !args.data.join("qrels.tsv").is_file() {
-        bail!(
-            "{}: not a TREC DL directory (no qrels.tsv)",
-            args.data.display()
-        );
-    }
-    let data = Dl19::load(&args.data)?;
     let reranker = args.model.load(&BatchArgs::default())?;
-    let cfg = args.prune.config(reranker.prune_config())?;
+    let base = args.prune.config(reranker.prune_config())?;
+    if args.folds == 1 {
+        bail!("--folds must be 0 (the model's own rule) or at least 2");
+    }
+    let nmax = *args.candidates.iter().max().unwrap_or(&100);
+    let kmax = *args.top_k.iter().max().unwrap_or(&10);
+    let (requests, data) = load_requests(&args, nmax)?;
+    let requests: Vec<Request> = requests
+        .into_iter()
+        .filter(|r| r.docs.len() > kmax)
+        .collect();
+    if requests.is_empty() {
+        bail!("no requests with more than {kmax} documents");
+    }
+    let pairs: Vec<(String, Vec<String>)> = requests
+        .iter()
+        .map(|r| (r.query.clone(), r.docs.clone()))
+        .collect();
+    let recs = super::calibrate::record(&reranker, &pairs, None)?;
+    // The rule each request is measured with.
+    let configs: Vec<PruneConfig> = if args.folds == 0 || base.mode == PruneMode::Off {
+        vec![base.clone(); recs.len()]
+    } else {
+        calibrate::out_of_fold(&recs, args.folds, |train| match base.rule {
+            RuleKind::Cluster => calibrate::fit_cluster(
+                train,
+                &base,
+                &calibrate::default_thresholds(),
+                &args.top_k,
+                args.target_agreement,
+            ),
+            RuleKind::Margin => {
+                calibrate::fit(
+                    train,
+                    &base,
+                    args.target_agreement,
+                    args.min_agreement,
+                    &args.candidates,
+                    &args.top_k,
+                    args.folds,
+                )
+                .config
+            }
+        })
+    };
     let mut rows = Vec::new();
     for &n in &args.candidates {
-        let recs = record(&reranker, &data, n, args.queries)?;
         for &k in &args.top_k {
-            let mut row = score_rows(&data, &recs, n, k, &cfg);
-            if !args.replay_only {
-                row.engine_mismatches = check_engine(&reranker, &data, &recs, k, &cfg)?;
+            let mut row = Row {
+                candidates: n,
+                k,
+                min_agreement: 1.0,
+                ..Default::default()
+            };
+            let (mut computed, mut possible) = (0usize, 0usize);
+            let (mut t_full, mut t_grating) = (0.0f64, 0.0f64);
+            for (req, (rec, cfg)) in requests.iter().zip(recs.iter().zip(&configs)) {
+                let query = &req.query;
+                let rec = rec.first(n);
+                let n_here = rec.layer_scores[0].len();
+                if n_here <= k {
+                    continue;
+                }
+                let o = calibrate::outcome(cfg, &rec, k);
+                row.agreement += o.agreement;
+                row.min_agreement = row.min_agreement.min(o.agreement);
+                computed += o.computed;
+                possible += o.possible;
+                row.queries += 1;
+                let ranking = replay(cfg, &rec.layer_scores, k).ranking;
+                if let (Some(data), Some(qid)) = (&data, &req.qid) {
+                    let qrels = &data.qrels[qid];
+                    let last = rec.layer_scores.last().expect("layers");
+                    let full = grating::prune::best_first(last);
+                    let ids = |v: &[usize]| -> Vec<&str> {
+                        v.iter().map(|&i| req.doc_ids[i].as_str()).collect()
+                    };
+                    let grating: Vec<usize> = ranking.iter().map(|x| x.0).collect();
+                    row.ndcg10_full += ndcg_at(&ids(&full), qrels, k.min(10));
+                    row.ndcg10_grating += ndcg_at(&ids(&grating), qrels, k.min(10));
+                }
+                if !args.replay_only {
+                    let docs = &req.docs[..n_here];
+                    let want: Vec<usize> = ranking.iter().map(|x| x.0).collect();
+                    let (tf, tg, got) = time_both(&reranker, query, docs, k, cfg)?;
+                    t_full += tf;
+                    t_grating += tg;
+                    if got != want {
+                        tracing::warn!(query = %query, ?got, ?want, "engine and replay disagree");
+                        row.engine_mismatches += 1;
+                    }
+                }
             }
+            let q = row.queries.max(1) as f64;
+            row.agreement /= q;
+            row.ndcg10_full /= q;
+            row.ndcg10_grating /= q;
+            row.ndcg10_change = row.ndcg10_grating - row.ndcg10_full;
+            row.compute_share = computed as f64 / possible.max(1) as f64;
+            row.latency_ratio = if t_full > 0.0 {
+                t_grating / t_full
+            } else {
+                0.0
+            };
             rows.push(row);
         }
     }
+    let rule = if args.folds == 0 {
+        format!(
+            "{:?} rule as configured (in-sample for its calibration requests)",
+            base.rule
+        )
+    } else {
+        format!(
+            "{:?} rule fitted out of fold ({} folds by query, target {} / min {})",
+            base.rule, args.folds, args.target_agreement, args.min_agreement
+        )
+    };
     if args.json {
         println!(
             "{}",
-            serde_json::to_string(
-                &serde_json::json!({"model": args.model.model, "prune": cfg, "rows": rows})
-            )?
+            serde_json::to_string(&serde_json::json!({
+                "model": args.model.model, "rule": rule, "prune": base, "rows": rows
+            }))?
         );
         return Ok(());
     }
     println!(
-        "model {} | prune {:?}, threshold {}, first layer {} | nDCG uses linear gains (trec_eval)",
-        args.model.model, cfg.mode, cfg.threshold, cfg.first_layer
+        "model {} | {rule} | nDCG@10 with linear gains (trec_eval); at K < 10, nDCG@K",
+        args.model.model
     );
     println!(
-        "{:>4} {:>3} {:>4} | {:>9} | {:>9} {:>9} | {:>7} {:>7} | {:>9} {:>7} | {:>7} | engine",
-        "N", "K", "q", "nDCG@10", "nDCG@K", "nDCG@K", "P@K", "P@K", "agree@K", "min", "compute",
+        "{:>4} {:>3} {:>4} | {:>8} {:>8} {:>8} | {:>8} {:>5} | {:>7} | {:>7} | engine",
+        "N", "K", "q", "nDCG", "nDCG", "change", "agree@K", "min", "compute", "latency"
     );
     println!(
-        "{:>4} {:>3} {:>4} | {:>9} | {:>9} {:>9} | {:>7} {:>7} | {:>9} {:>7} | {:>7} | mismatch",
-        "", "", "", "full", "full", "grating", "full", "grating", "", "", "share"
+        "{:>4} {:>3} {:>4} | {:>8} {:>8} {:>8} | {:>8} {:>5} | {:>7} | {:>7} | mismatch",
+        "", "", "", "full", "grating", "", "", "", "share", "ratio"
     );
     for r in &rows {
+        let judged = data.is_some();
+        let f = |v: f64| {
+            if judged {
+                format!("{v:.4}")
+            } else {
+                "-".into()
+            }
+        };
         println!(
-            "{:>4} {:>3} {:>4} | {:>9.4} | {:>9.4} {:>9.4} | {:>7.4} {:>7.4} | {:>9.4} {:>7.2} | {:>7.3} | {}",
-            r.candidates, r.k, r.queries, r.ndcg10_full, r.ndcg_k_full, r.ndcg_k_grating, r.p_at_k_full, r.p_at_k_grating, r.agreement, r.min_agreement, r.compute_share,
-            if args.replay_only { "-".to_string() } else { r.engine_mismatches.to_string() }
+            "{:>4} {:>3} {:>4} | {:>8} {:>8} {:>8} | {:>8.4} {:>5.2} | {:>7.3} | {:>7} | {}",
+            r.candidates,
+            r.k,
+            r.queries,
+            f(r.ndcg10_full),
+            f(r.ndcg10_grating),
+            if judged {
+                format!("{:+.4}", r.ndcg10_change)
+            } else {
+                "-".into()
+            },
+            r.agreement,
+            r.min_agreement,
+            r.compute_share,
+            if args.replay_only {
+                "-".to_string()
+            } else {
+                format!("{:.3}", r.latency_ratio)
+            },
+            if args.replay_only {
+                "-".to_string()
+            } else {
+                r.engine_mismatches.to_string()
+            }
         );
     }
     Ok(())
 }
 
-/// Runs grating mode for real on each recorded query and counts queries whose top K differs
-/// from the replayed decision (it never should: both use the same rule on the same scores).
-fn check_engine(
+/// Times full mode and grating mode (with `cfg`) on one request, in alternating order so
+/// that drift in the machine's speed falls on both; returns their seconds and grating's
+/// top-K indices.
+fn time_both(
     reranker: &Reranker,
-    data: &Dl19,
-    recs: &[Recorded],
+    query: &str,
+    docs: &[String],
     k: usize,
     cfg: &PruneConfig,
-) -> Result<usize> {
-    let mut mismatches = 0;
-    for r in recs {
-        let docs: Vec<&str> = r
-            .doc_idx
-            .iter()
-            .map(|&d| data.doc_texts[d].as_str())
-            .collect();
-        let opts = RerankOptions::top_k(k).with_prune(cfg.clone());
-        let out = reranker.rerank(&r.query, &docs, &opts)?;
-        let got: Vec<usize> = out.ranked.iter().map(|s| s.index).collect();
-        let want: Vec<usize> = replay(cfg, &r.layer_scores, k)
-            .ranking
-            .iter()
-            .map(|x| x.0)
-            .collect();
-        if got != want {
-            tracing::warn!(qid = %r.qid, ?got, ?want, "engine and replay disagree");
-            mismatches += 1;
-        }
-    }
-    Ok(mismatches)
+) -> Result<(f64, f64, Vec<usize>)> {
+    let full = RerankOptions::top_k(k).with_mode(Mode::Full);
+    let grating = RerankOptions::top_k(k).with_prune(cfg.clone());
+    let t = Instant::now();
+    reranker.rerank(query, docs, &full)?;
+    let tf1 = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let out = reranker.rerank(query, docs, &grating)?;
+    let tg1 = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    reranker.rerank(query, docs, &grating)?;
+    let tg2 = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    reranker.rerank(query, docs, &full)?;
+    let tf2 = t.elapsed().as_secs_f64();
+    Ok((
+        tf1 + tf2,
+        tg1 + tg2,
+        out.ranked.iter().map(|s| s.index).collect(),
+    ))
 }

@@ -66,6 +66,14 @@ pub struct ServerArgs {
     /// directory's last component; never the full path).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Self-calibration: the mean top-K agreement with full inference that pruning must keep
+    /// on re-run samples (the margin widens at once below it, narrows slowly above it).
+    #[arg(long, default_value_t = 0.99)]
+    pub target_agreement: f64,
+    /// Self-calibration: share of requests re-run without pruning, in idle time only, to
+    /// measure the agreement (0 turns it off; it runs only with the margin rule).
+    #[arg(long, default_value_t = 0.05)]
+    pub calibration_sample: f64,
 }
 
 impl ServerArgs {
@@ -100,6 +108,9 @@ impl ServerArgs {
             step_tokens: self.step_tokens,
             reload_layers: self.reload_layers,
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace),
+            target_agreement: self.target_agreement,
+            calibration_sample: self.calibration_sample,
+            profile_dir: None,
         })
     }
 }
