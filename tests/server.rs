@@ -5,10 +5,9 @@
 mod common;
 
 use common::{assert_error, Req};
-use grating::prune::PruneConfig;
 use grating::server::client::{get, post_json, request};
 use grating::server::{RunningServer, ServerConfig};
-use grating::{sigmoid, EngineOptions, Mode, Reranker};
+use grating::{sigmoid, Mode, Reranker};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -21,7 +20,7 @@ fn reranker() -> Option<Arc<Reranker>> {
     R.get_or_init(|| {
         let dir = common::shared_model(MODEL)?;
         Some(Arc::new(
-            Reranker::load(dir.to_str().unwrap(), &EngineOptions::default()).expect("load model"),
+            Reranker::load(dir.to_str().unwrap(), &common::isolated_options()).expect("load model"),
         ))
     })
     .clone()
@@ -58,6 +57,7 @@ fn shared_server() -> Option<SocketAddr> {
         let s = start(ServerConfig {
             max_documents: 50,
             max_body_bytes: 256 * 1024,
+            prune: reranker()?.prune_config().clone(),
             ..Default::default()
         })?;
         let leaked: &'static RunningServer = Box::leak(Box::new(s));
@@ -71,7 +71,7 @@ fn alone(query: &str, docs: &[String], top_n: Option<usize>) -> Vec<(usize, f32)
     let mut req = Req::new(query, docs.to_vec());
     req.opts.top_k = top_n;
     req.opts.mode = Mode::Grating;
-    req.opts.prune = Some(PruneConfig::default());
+    req.opts.prune = Some(r.prune_config().clone());
     common::ranked(&r, &req)
 }
 

@@ -22,7 +22,7 @@ fn load(dir: &Path, opts: &EngineOptions) -> Arc<Reranker> {
 
 fn reranker() -> Arc<Reranker> {
     static R: OnceLock<Arc<Reranker>> = OnceLock::new();
-    R.get_or_init(|| load(&common::fixture(FIXTURE), &EngineOptions::default()))
+    R.get_or_init(|| load(&common::fixture(FIXTURE), &common::isolated_options()))
         .clone()
 }
 
@@ -304,7 +304,7 @@ fn fixture_every_rerank_path_takes_every_shape() {
 /// from those with the model's default one.
 #[test]
 fn fixture_instruction_reaches_a_decoder_reranker() {
-    let r = load(&common::fixture("qwen3-tiny"), &EngineOptions::default());
+    let r = load(&common::fixture("qwen3-tiny"), &common::isolated_options());
     let s = RunningServer::start(r.clone(), ServerConfig::default(), "127.0.0.1:0", 2)
         .expect("start server");
     let docs = documents();
@@ -672,7 +672,7 @@ fn fault_after_cutting_weights(cut: impl Fn(&Path) -> u64) -> Vec<Value> {
         &model.0,
         &EngineOptions {
             weights: WeightsMode::Stream,
-            ..Default::default()
+            ..common::isolated_options()
         },
     );
     // One cached layer: the read-ahead and the cache together hold fewer layers than the model
@@ -770,4 +770,86 @@ fn fixture_emptied_weight_file_is_a_5xx_and_the_server_keeps_serving() {
     for v in errors {
         assert_eq!(v["error_type"], "model_files", "{v}");
     }
+}
+
+/// Self-calibration on a model without a profile: sampled requests are answered as usual
+/// (here by full inference, since nothing is pruned until the movement is learned), re-run in
+/// idle time, counted in /info and /metrics; an `exact` request is never sampled; what was
+/// learned is saved and a restarted reranker starts from it.
+#[test]
+fn fixture_self_calibration_samples_learns_and_survives_a_restart() {
+    use grating::prune::online::LEARN_AFTER;
+    let profiles =
+        std::env::temp_dir().join(format!("grating-self-calibration-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&profiles);
+    let opts = EngineOptions {
+        profile_dir: Some(profiles.clone()),
+        ..Default::default()
+    };
+    let r = load(&common::fixture(FIXTURE), &opts);
+    assert!(
+        r.prune_config().movement.is_empty(),
+        "the fixture has no profile"
+    );
+    let cfg = ServerConfig {
+        calibration_sample: 1.0,
+        ..Default::default()
+    };
+    let s = RunningServer::start(r, cfg, "127.0.0.1:0", 2).expect("start server");
+    let docs = documents();
+    let full = alone(&docs, Some(3));
+    let full_idx: Vec<usize> = full.iter().map(|x| x.0).collect();
+    let ask = |extra: Value| {
+        let mut body = json!({"query": QUERY, "documents": docs, "top_n": 3});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = post_json(s.addr, "/v1/rerank", &body, &[]).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        indices(&r.json().unwrap()["results"])
+    };
+    assert_eq!(ask(json!({"exact": true})), full_idx);
+    let asked = LEARN_AFTER + 5;
+    for i in 0..asked {
+        let got = ask(json!({}));
+        // Answers before the LEARN_AFTER-th re-run are unpruned: full inference's.
+        if i < LEARN_AFTER {
+            assert_eq!(got, full_idx, "request {i}");
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let snap = loop {
+        let info = get(s.addr, "/info", &[]).unwrap().json().unwrap();
+        let c = info["calibration"].clone();
+        assert!(c.is_object(), "/info has no calibration: {info}");
+        if c["samples"].as_u64().unwrap() as usize >= asked {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "re-runs did not happen: {c}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(snap["samples"], asked, "the exact request is never sampled");
+    assert_eq!(snap["target_agreement"], 0.99);
+    let movement = snap["movement"].as_array().unwrap();
+    assert!(
+        !movement.is_empty() && movement.iter().all(Value::is_number),
+        "{snap}"
+    );
+    let metrics = get(s.addr, "/metrics", &[]).unwrap().text();
+    assert!(
+        metrics.contains(&format!("grating_calibration_samples_total {asked}")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("grating_prune_margin "), "{metrics}");
+    s.stop().unwrap();
+
+    let restarted = load(&common::fixture(FIXTURE), &opts);
+    let cfg = restarted.prune_config();
+    assert!((cfg.margin - snap["margin"].as_f64().unwrap() as f32).abs() < 1e-6);
+    assert_eq!(cfg.movement.len(), movement.len());
+    assert!(cfg.movement.iter().all(Option::is_some), "{cfg:?}");
+    let _ = std::fs::remove_dir_all(&profiles);
 }

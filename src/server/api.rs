@@ -79,6 +79,11 @@ pub struct RerankRequest {
     /// line and ignore it.
     #[serde(default)]
     pub instruction: Option<String>,
+    /// Skip pruning for this request: every candidate runs every layer, so the answer equals
+    /// full inference (default false).
+    #[serde(default, deserialize_with = "lenient::opt_bool")]
+    #[schema(value_type = Option<bool>)]
+    pub exact: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -182,6 +187,11 @@ pub struct Limits {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Info {
     pub model: String,
+    /// The server's self-calibration of pruning, when on: measured agreement with full
+    /// inference on re-run samples, its interval, the sample count and the current margin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub calibration: Option<crate::prune::online::Snapshot>,
     pub architecture: String,
     pub num_layers: usize,
     pub hidden_size: usize,

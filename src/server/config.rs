@@ -41,6 +41,14 @@ pub struct ServerConfig {
     /// After a shutdown signal, in-flight requests get this long to finish; then they are
     /// cancelled and answered with 503 `cancelled`.
     pub shutdown_grace: Duration,
+    /// Self-calibration: the mean top-K agreement with full inference pruning must keep.
+    pub target_agreement: f64,
+    /// Self-calibration: the share of requests re-run without pruning (in idle time) to
+    /// measure it; 0 turns self-calibration off. It runs only with the margin rule.
+    pub calibration_sample: f64,
+    /// Where the learned profile is written (default: where the model's profile was read from,
+    /// [`crate::Reranker::profile_dir`]).
+    pub profile_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +70,9 @@ impl Default for ServerConfig {
             starve_after_steps: crate::engine::scheduler::DEFAULT_STARVE_AFTER_STEPS,
             reload_layers: false,
             shutdown_grace: Duration::from_secs(30),
+            target_agreement: 0.99,
+            calibration_sample: 0.05,
+            profile_dir: None,
         }
     }
 }

@@ -2,9 +2,10 @@
 //! checks, tokenization on the blocking pool, the engine, and the wait for its answer until
 //! the request's deadline.
 
+use super::calibration::Sample;
 use super::error::ApiError;
 use super::request::Prepared;
-use super::state::{wait_until, AppState};
+use super::state::{wait_until, AppState, Encoded};
 use crate::engine::RerankOutput;
 use crate::error::GratingError;
 use axum::http::StatusCode;
@@ -30,6 +31,7 @@ pub(super) async fn run_rerank(
         .retry_after(1)
     })?;
     let k = p.check(&st.cfg)?;
+    let exact = p.exact;
     let st2 = st.clone();
     let tokenize_start = Instant::now();
     let encoded = tokio::task::spawn_blocking(move || st2.encode(p))
@@ -41,15 +43,39 @@ pub(super) async fn run_rerank(
                 format!("tokenizer task failed: {e}"),
             )
         })?;
-    let (pairs, documents) = encoded?;
+    let Encoded {
+        pairs,
+        documents,
+        query,
+        opts,
+    } = encoded?;
     let tokenize_seconds = tokenize_start.elapsed().as_secs_f64();
+    // Only answers that pruning could have changed are worth checking.
+    let sampled = st
+        .calibrator
+        .as_ref()
+        .filter(|c| !exact && k < documents.len() && c.should_sample());
 
     let submitted = Instant::now();
-    let answer = wait_until(st.submit(pairs, k, deadline, tokenize_seconds), deadline).await;
+    let answer = wait_until(
+        st.submit(pairs, k, exact, deadline, tokenize_seconds),
+        deadline,
+    )
+    .await;
     st.metrics
         .record_engine_time(submitted.elapsed().as_secs_f64());
     match answer {
-        Some(Ok(out)) => Ok((out, documents)),
+        Some(Ok(out)) => {
+            if let Some(c) = sampled {
+                c.offer(Sample {
+                    query,
+                    documents: documents.clone(),
+                    opts,
+                    answered: out.ranked.iter().map(|s| s.index).collect(),
+                });
+            }
+            Ok((out, documents))
+        }
         // The engine drops a request at its deadline; that is a timeout, not a shutdown.
         Some(Err(GratingError::Cancelled(m))) if Instant::now() >= deadline => {
             Err(timeout(format!(

@@ -69,9 +69,32 @@ impl Metrics {
             .observe(seconds);
     }
 
-    pub fn render(&self, engine: &Counters, in_flight: usize) -> String {
+    pub fn render(
+        &self,
+        engine: &Counters,
+        in_flight: usize,
+        calibration: Option<&super::calibration::Calibrator>,
+    ) -> String {
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut s = String::new();
+        if let Some(c) = calibration {
+            let snap = c.snapshot();
+            for (name, help, value) in [
+                ("grating_calibration_agreement", "Top-K members of sampled answers confirmed by full re-runs, over the current window.", snap.agreement),
+                ("grating_calibration_agreement_lower", "Lower end of its 95% Wilson interval.", snap.agreement_lower),
+                ("grating_calibration_agreement_upper", "Upper end of its 95% Wilson interval.", snap.agreement_upper),
+                ("grating_calibration_target", "The agreement self-calibration keeps.", snap.target_agreement),
+                ("grating_calibration_window_members", "Top-K members in the current window.", snap.window_members as f64),
+                ("grating_calibration_samples_total", "Sampled requests re-run without pruning.", snap.samples as f64),
+                ("grating_calibration_skipped_total", "Samples skipped because the re-run queue was full.", c.skipped() as f64),
+                ("grating_prune_margin", "The margin rule's current margin, in movement units.", snap.margin as f64),
+            ] {
+                let _ = writeln!(s, "# HELP {name} {help}");
+                let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+                let _ = writeln!(s, "# TYPE {name} {kind}");
+                let _ = writeln!(s, "{name} {value}");
+            }
+        }
         let _ = writeln!(
             s,
             "# HELP grating_requests_total HTTP requests by endpoint and status."

@@ -19,6 +19,7 @@
 //! - `run`: serving on a socket and shutting down.
 
 pub mod api;
+pub mod calibration;
 pub mod client;
 mod config;
 mod docs;

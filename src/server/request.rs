@@ -18,6 +18,8 @@ pub(super) struct Prepared {
     pub truncation: Truncation,
     /// Decoder rerankers' `<Instruct>` line (the model's default when `None`).
     pub instruction: Option<String>,
+    /// No pruning for this request.
+    pub exact: bool,
 }
 
 impl Prepared {
@@ -97,6 +99,7 @@ mod tests {
             truncate: true,
             truncation: Truncation::Right,
             instruction: None,
+            exact: false,
         }
     }
 

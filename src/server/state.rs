@@ -3,12 +3,13 @@
 //! lets the engine handle change without touching the handlers.
 
 use super::api::{Info, Limits, TeiClassifier, TeiInfo, TeiModelType};
+use super::calibration::Calibrator;
 use super::config::ServerConfig;
 use super::metrics::{self, Metrics};
 use super::request::Prepared;
 use crate::engine::scheduler::{Counters, RankedPolicy};
 use crate::engine::{RerankOutput, WeightsMode};
-use crate::prune::PruneMode;
+use crate::prune::{PruneConfig, PruneMode, RuleKind};
 use crate::reranker::{Pending, RerankOptions, Reranker, SharedOptions, SharedReranker};
 use crate::tokenize::EncodedPair;
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub struct AppState {
     pub(super) started_unix: u64,
     /// Set when a shutdown begins: the server finishes what it has but is no longer ready.
     draining: std::sync::atomic::AtomicBool,
+    /// Self-calibration of the pruning margin (margin rule, sampling on).
+    pub(super) calibrator: Option<Arc<Calibrator>>,
 }
 
 impl AppState {
@@ -56,9 +59,38 @@ impl AppState {
             },
         )?;
         let info = describe(&reranker, &cfg, max_doc_tokens);
+        let permits = Arc::new(Semaphore::new(cfg.max_concurrent_requests.max(1)));
+        let calibrates = cfg.calibration_sample > 0.0
+            && cfg.prune.rule == RuleKind::Margin
+            && cfg.prune.mode != PruneMode::Off
+            && cfg.prune.schedule.is_empty();
+        let valid = (0.0..=1.0).contains(&cfg.calibration_sample)
+            && cfg.target_agreement > 0.0
+            && cfg.target_agreement <= 1.0;
+        if !valid {
+            return Err(crate::GratingError::InvalidInput(
+                "the calibration sample share must be in [0, 1] and the target agreement in (0, 1]"
+                    .into(),
+            ));
+        }
+        let calibrator = calibrates.then(|| {
+            let idle_permits = permits.clone();
+            let all = cfg.max_concurrent_requests.max(1);
+            Calibrator::start(
+                reranker.clone(),
+                cfg.prune.clone(),
+                cfg.target_agreement,
+                cfg.calibration_sample,
+                cfg.profile_dir
+                    .clone()
+                    .unwrap_or_else(|| reranker.profile_dir().to_path_buf()),
+                move || idle_permits.available_permits() == all,
+            )
+        });
         Ok(Arc::new(AppState {
             engine,
-            permits: Arc::new(Semaphore::new(cfg.max_concurrent_requests.max(1))),
+            calibrator,
+            permits,
             cfg,
             metrics: Metrics::default(),
             max_doc_tokens,
@@ -100,7 +132,7 @@ impl AppState {
     /// Tokenizes a request under the server's and the request's length limits. It blocks (the
     /// tokenizer is synchronous), so callers run it on the blocking pool. The documents come
     /// back with the pairs because the handlers echo them in their answers.
-    pub(super) fn encode(&self, p: Prepared) -> crate::Result<(Vec<EncodedPair>, Vec<String>)> {
+    pub(super) fn encode(&self, p: Prepared) -> crate::Result<Encoded> {
         let r = self.engine.reranker();
         let max_length = p.max_length(
             self.max_doc_tokens,
@@ -115,7 +147,27 @@ impl AppState {
             ..Default::default()
         };
         let pairs = r.encode(&p.query, &p.documents, &opts)?;
-        Ok((pairs, p.documents))
+        Ok(Encoded {
+            pairs,
+            documents: p.documents,
+            query: p.query,
+            opts,
+        })
+    }
+
+    /// The pruning rule a request runs with: none when it asks for exact results, else the
+    /// self-calibrated rule when self-calibration is on, else the server's.
+    fn prune_for(&self, exact: bool) -> PruneConfig {
+        if exact {
+            return PruneConfig {
+                mode: PruneMode::Off,
+                ..self.cfg.prune.clone()
+            };
+        }
+        match &self.calibrator {
+            Some(c) => c.config(),
+            None => self.cfg.prune.clone(),
+        }
     }
 
     /// Hands tokenized pairs to the engine with the server's chunking and pruning settings.
@@ -125,13 +177,14 @@ impl AppState {
         &self,
         pairs: Vec<EncodedPair>,
         k: usize,
+        exact: bool,
         deadline: Instant,
         tokenize_seconds: f64,
     ) -> Pending {
         self.engine.submit_encoded(
             pairs,
             k,
-            self.cfg.prune.clone(),
+            self.prune_for(exact),
             Some(deadline),
             tokenize_seconds,
         )
@@ -153,8 +206,19 @@ impl AppState {
 
     /// Lets the admitted and queued requests finish, then stops the engine's threads; blocks.
     pub(super) fn stop_engine(&self) {
+        if let Some(c) = &self.calibrator {
+            c.stop();
+        }
         self.engine.shutdown();
     }
+}
+
+/// A tokenized request, with what a self-calibration re-run needs to repeat it.
+pub(super) struct Encoded {
+    pub pairs: Vec<EncodedPair>,
+    pub documents: Vec<String>,
+    pub query: String,
+    pub opts: RerankOptions,
 }
 
 /// The engine's answer, or `None` when `deadline` passed first (dropping `pending` then
@@ -176,6 +240,7 @@ fn describe(reranker: &Reranker, cfg: &ServerConfig, max_doc_tokens: usize) -> I
         .clone()
         .unwrap_or_else(|| default_model_name(reranker.model_id()));
     Info {
+        calibration: None,
         model: name.clone(),
         architecture: mi.architecture.clone(),
         num_layers: mi.num_layers,

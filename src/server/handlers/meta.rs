@@ -43,7 +43,9 @@ pub(crate) async fn health() -> Json<Health> {
 /// Model, architecture, layers, limits and mode.
 #[utoipa::path(get, path = "/info", responses((status = 200, body = Info)), security(("bearer" = [])))]
 pub(crate) async fn info(State(st): State<Arc<AppState>>) -> Json<Info> {
-    Json(st.info.clone())
+    let mut info = st.info.clone();
+    info.calibration = st.calibrator.as_ref().map(|c| c.snapshot());
+    Json(info)
 }
 
 /// The served model, in the OpenAI list shape (for clients that discover models first).
@@ -68,7 +70,8 @@ pub(crate) async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        st.metrics.render(st.counters(), st.in_flight()),
+        st.metrics
+            .render(st.counters(), st.in_flight(), st.calibrator.as_deref()),
     )
         .into_response()
 }

@@ -164,6 +164,7 @@ fn interpret(req: RerankRequest, version: &'static str) -> Result<(Prepared, Ans
             TruncationDirection::Left => Truncation::Left,
         },
         instruction: req.instruction.filter(|i| !i.trim().is_empty()),
+        exact: req.exact.unwrap_or(false),
     };
     Ok((prepared, answer))
 }
