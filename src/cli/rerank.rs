@@ -214,9 +214,16 @@ pub fn print_stats(s: &grating::RequestStats) {
         );
     }
     for e in &s.prune_events {
+        // The margin rule reports the score distance it decided by, the cluster rule its
+        // clusters.
+        let why = if e.clusters > 0 {
+            format!("dispersion {:.4}, {} clusters", e.dispersion, e.clusters)
+        } else {
+            format!("margin {:.3} logits", e.margin_logits)
+        };
         eprintln!(
-            "  prune after layer {}: {} live, dispersion {:.4}, {} clusters -> {} accepted, {} dropped",
-            e.layer, e.live_before, e.dispersion, e.clusters, e.accepted, e.dropped
+            "  prune after layer {}: {} live, {why} -> {} accepted, {} dropped",
+            e.layer, e.live_before, e.accepted, e.dropped
         );
     }
     for t in &s.layer_timings {
