@@ -136,6 +136,20 @@ def rules(train, K, N, L, margin):
     def hybrid_drop(l, s, slots):
         return depth_drop(l, s, slots) & gapsd_drop(l, s, slots)
 
+    # The movement-margin rule (grating's default, src/prune/margin.rs): the unit is the 99th
+    # percentile of |(s_L - s_l) - median over the request (s_L - s_l)| over each training
+    # request's final top 20, pooled; unlike the rules above it is a quantile of many movements, not the maximum
+    # of a few requests' extremes.
+    mv = movement(train, L)
+
+    def movement_drop(l, s, slots):
+        return s < kth(s, slots) - mv[l] * margin
+
+    def movement_accept(l, s, slots):
+        if len(s) <= slots:
+            return np.zeros(len(s), bool)
+        return s > kth(s, slots + 1) + mv[l] * margin
+
     return {
         "depth": (depth_drop, None),
         "gap-logit": (gap_drop, None),
@@ -144,7 +158,21 @@ def rules(train, K, N, L, margin):
         "depth+accept-sd": (depth_drop, leadsd_accept),
         "gap-logit+accept": (gap_drop, lead_accept),
         "depth|gap-sd": (hybrid_drop, None),
+        "movement": (movement_drop, None),
+        "movement+accept": (movement_drop, movement_accept),
     }
+
+
+def movement(train, L, top=20, q=0.99):
+    out = []
+    for l in range(L - 1):
+        m = []
+        for S in train:
+            best = np.argsort(-S[-1], kind="stable")[:top]
+            d = S[-1] - S[l]
+            m.extend(np.abs(d[best] - np.median(d)).tolist())
+        out.append(float(np.quantile(m, q)))
+    return out
 
 
 def evaluate(reqs, K, folds, margin):

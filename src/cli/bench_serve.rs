@@ -52,6 +52,12 @@ pub struct BenchServeArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write the server's self-calibration state (from /info) once a second during the levels
+    /// here, one JSON object per line: seconds since the mode's start, requests sent, samples
+    /// re-run, measured agreement and its interval, the margin
+    /// (`scripts/plot_calibration.py` draws it).
+    #[arg(long)]
+    pub calibration_trace: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -142,6 +148,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
     // Request number j of a level: (query, size slot).
     let request = |j: usize| ((j / args.sizes.len()) % nq, j % args.sizes.len());
     let mut levels = Vec::new();
+    let trace: Mutex<Vec<String>> = Mutex::new(Vec::new());
     for mode in &args.modes {
         let mut server_args = args.server.clone();
         server_args.no_layer_sharing = match mode.as_str() {
@@ -152,6 +159,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
         let cfg = server_args.config(&reranker, None)?;
         let server = RunningServer::start(reranker.clone(), cfg, "127.0.0.1:0", 2)?;
         let addr = server.addr;
+        let mode_start = Instant::now();
         let send = |body: &str| -> Result<(u16, f64)> {
             let t = Instant::now();
             let r = client::request(
@@ -229,19 +237,38 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             let before = snapshot();
             let start = Instant::now();
             let limit = Duration::from_secs_f64(args.max_seconds);
+            let done = std::sync::atomic::AtomicBool::new(false);
             std::thread::scope(|s| {
-                for _ in 0..c {
-                    s.spawn(|| loop {
-                        let j = next.fetch_add(1, Ordering::Relaxed);
-                        if j >= total || start.elapsed() > limit {
-                            break;
+                let clients: Vec<_> = (0..c)
+                    .map(|_| {
+                        s.spawn(|| loop {
+                            let j = next.fetch_add(1, Ordering::Relaxed);
+                            if j >= total || start.elapsed() > limit {
+                                break;
+                            }
+                            let (q, slot) = request(j);
+                            let body = &bodies[q][slot];
+                            let r = send(body).unwrap_or((0, f64::NAN));
+                            results.lock().expect("results").push((j, r.0, r.1));
+                        })
+                    })
+                    .collect();
+                if args.calibration_trace.is_some() {
+                    s.spawn(|| {
+                        while !done.load(Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_secs(1));
+                            let sent = next.load(Ordering::Relaxed).min(total);
+                            if let Some(line) = calibration_point(addr, mode, c, &mode_start, sent)
+                            {
+                                trace.lock().expect("trace").push(line);
+                            }
                         }
-                        let (q, slot) = request(j);
-                        let body = &bodies[q][slot];
-                        let r = send(body).unwrap_or((0, f64::NAN));
-                        results.lock().expect("results").push((j, r.0, r.1));
                     });
                 }
+                for h in clients {
+                    let _ = h.join();
+                }
+                done.store(true, Ordering::Relaxed);
             });
             let secs = start.elapsed().as_secs_f64();
             let [steps, rsteps, loads, hits, stall, token_layers, embed, obtain, compute, read] =
@@ -356,5 +383,36 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
     if let Some(p) = &args.json {
         std::fs::write(p, serde_json::to_string_pretty(&levels)?)?;
     }
+    if let Some(p) = &args.calibration_trace {
+        let lines = trace.into_inner().expect("trace");
+        if lines.is_empty() {
+            eprintln!("no self-calibration state to trace (is --calibration-sample 0, or the rule not margin?)");
+        }
+        std::fs::write(p, lines.join("\n") + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     Ok(())
+}
+
+/// One line of the calibration trace: the server's /info calibration with the time and the
+/// requests sent so far; `None` when the server has no self-calibration.
+fn calibration_point(
+    addr: std::net::SocketAddr,
+    mode: &str,
+    concurrency: usize,
+    since: &Instant,
+    sent: usize,
+) -> Option<String> {
+    let info = client::get(addr, "/info", &[]).ok()?.json().ok()?;
+    let cal = info.get("calibration")?.clone();
+    Some(
+        serde_json::json!({
+            "mode": mode,
+            "concurrency": concurrency,
+            "seconds": since.elapsed().as_secs_f64(),
+            "requests_sent": sent,
+            "calibration": cal,
+        })
+        .to_string(),
+    )
 }

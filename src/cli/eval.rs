@@ -163,6 +163,23 @@ pub fn run(args: EvalArgs) -> Result<()> {
             }
         })
     };
+    // How the nested fit went: the margin (or threshold) each request was measured with.
+    let mut chosen: Vec<(String, usize)> = Vec::new();
+    for c in &configs {
+        let v = match c.rule {
+            RuleKind::Margin => format!("margin {}", c.margin),
+            RuleKind::Cluster => format!("threshold {}", c.threshold),
+        };
+        match chosen.iter_mut().find(|x| x.0 == v) {
+            Some(x) => x.1 += 1,
+            None => chosen.push((v, 1)),
+        }
+    }
+    let chosen = chosen
+        .iter()
+        .map(|(v, n)| format!("{v} ({n} requests)"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut rows = Vec::new();
     for &n in &args.candidates {
         for &k in &args.top_k {
@@ -240,7 +257,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::to_string(&serde_json::json!({
-                "model": args.model.model, "rule": rule, "prune": base, "rows": rows
+                "model": args.model.model, "rule": rule, "chosen": chosen, "prune": base,
+                "rows": rows
             }))?
         );
         return Ok(());
@@ -249,6 +267,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         "model {} | {rule} | nDCG@10 with linear gains (trec_eval); at K < 10, nDCG@K",
         args.model.model
     );
+    println!("rule each request was measured with: {chosen}");
     println!(
         "{:>4} {:>3} {:>4} | {:>8} {:>8} {:>8} | {:>8} {:>5} | {:>7} | {:>7} | engine",
         "N", "K", "q", "nDCG", "nDCG", "change", "agree@K", "min", "compute", "latency"

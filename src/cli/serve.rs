@@ -74,6 +74,10 @@ pub struct ServerArgs {
     /// measure the agreement (0 turns it off; it runs only with the margin rule).
     #[arg(long, default_value_t = 0.05)]
     pub calibration_sample: f64,
+    /// Self-calibration: share of wall time re-runs may take when the server is never idle
+    /// (they otherwise wait for idle moments).
+    #[arg(long, default_value_t = grating::server::calibration::DEFAULT_BUSY_SHARE)]
+    pub calibration_busy_share: f64,
 }
 
 impl ServerArgs {
@@ -110,6 +114,7 @@ impl ServerArgs {
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace),
             target_agreement: self.target_agreement,
             calibration_sample: self.calibration_sample,
+            calibration_busy_share: self.calibration_busy_share,
             profile_dir: None,
         })
     }

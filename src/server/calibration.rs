@@ -4,11 +4,13 @@
 //!
 //! A sampled request is answered as usual; its query, documents and options are queued
 //! (a bounded queue: when full, the sample is skipped, never the request). The worker waits
-//! until no rerank request is in flight, re-runs the sample recording every layer's scores,
-//! and records how many of the answer's top K the full run confirms. Re-runs use only idle
-//! time, so they never delay an answer; under constant load no sample is re-run and the
-//! margin stays where it is. Whenever the margin changes, the model's profile is rewritten,
-//! so a restart continues from what was learned.
+//! until no rerank request is in flight, or, under constant load, until re-runs have taken
+//! less than `--calibration-busy-share` ([`DEFAULT_BUSY_SHARE`]) of the wall time since start; it re-runs the sample recording
+//! every layer's scores and records how many of the answer's top K the full run confirms.
+//! The answer was sent before: a re-run never changes it. A re-run started under load shares
+//! the CPU with the requests in flight for its duration (one request's full inference).
+//! Whenever the margin changes, the model's profile is rewritten, so a restart continues from
+//! what was learned.
 
 use crate::prune::online::{Change, SelfCalibration, Snapshot};
 use crate::prune::profile::{self, PruneProfile};
@@ -18,10 +20,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Samples waiting for idle time; more are skipped.
 const QUEUE: usize = 32;
+/// Under constant load (no idle moment), re-runs may still take this share of wall time by
+/// default, so the estimate keeps following the traffic.
+pub const DEFAULT_BUSY_SHARE: f64 = 0.1;
 
 /// One answered request to re-run.
 pub(super) struct Sample {
@@ -30,6 +35,19 @@ pub(super) struct Sample {
     pub opts: RerankOptions,
     /// The top K the client got, as document indices.
     pub answered: Vec<usize>,
+}
+
+/// What the server was asked for (`grating serve` flags).
+#[derive(Debug, Clone)]
+pub(super) struct Settings {
+    /// Agreement to keep.
+    pub target: f64,
+    /// Share of requests re-run.
+    pub sample: f64,
+    /// Share of wall time re-runs may take when the server is never idle.
+    pub busy_share: f64,
+    /// Where learned profiles go.
+    pub profile_dir: PathBuf,
 }
 
 pub struct Calibrator {
@@ -42,22 +60,19 @@ pub struct Calibrator {
 }
 
 impl Calibrator {
-    /// Starts the worker for `reranker`, sampling `share` of the requests, starting from the
-    /// rule `base`. `idle` tells the worker when no request is in flight; learned profiles go
-    /// to `profile_dir`.
+    /// Starts the worker for `reranker`, starting from the rule `base`. `idle` tells the
+    /// worker when no request is in flight.
     pub(super) fn start(
         reranker: Arc<Reranker>,
         base: PruneConfig,
-        target: f64,
-        share: f64,
-        profile_dir: PathBuf,
+        settings: Settings,
         idle: impl Fn() -> bool + Send + 'static,
     ) -> Arc<Calibrator> {
         let (tx, rx) = sync_channel(QUEUE);
         let stop = Arc::new(AtomicBool::new(false));
         let cal = Arc::new(Calibrator {
-            state: Mutex::new(SelfCalibration::new(base, target)),
-            share: share.clamp(0.0, 1.0),
+            state: Mutex::new(SelfCalibration::new(base, settings.target)),
+            share: settings.sample.clamp(0.0, 1.0),
             requests: AtomicU64::new(0),
             queue: tx,
             skipped: AtomicU64::new(0),
@@ -66,7 +81,7 @@ impl Calibrator {
         let worker = Arc::downgrade(&cal);
         std::thread::Builder::new()
             .name("grating-self-calibration".into())
-            .spawn(move || run_worker(rx, worker, reranker, profile_dir, idle, stop))
+            .spawn(move || run_worker(rx, worker, reranker, settings, idle, stop))
             .expect("spawn the self-calibration thread");
         cal
     }
@@ -113,12 +128,16 @@ fn run_worker(
     rx: Receiver<Sample>,
     cal: std::sync::Weak<Calibrator>,
     reranker: Arc<Reranker>,
-    profile_dir: PathBuf,
+    settings: Settings,
     idle: impl Fn() -> bool,
     stop: Arc<AtomicBool>,
 ) {
+    let started = Instant::now();
+    let mut spent = 0.0f64;
     while let Ok(sample) = rx.recv() {
-        while !idle() && !stop.load(Ordering::SeqCst) {
+        let within_share =
+            |spent: f64| spent <= settings.busy_share * started.elapsed().as_secs_f64();
+        while !idle() && !within_share(spent) && !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(20));
         }
         if stop.load(Ordering::SeqCst) {
@@ -126,7 +145,10 @@ fn run_worker(
         }
         let span = tracing::info_span!("self_calibration_rerun", docs = sample.documents.len());
         let _g = span.enter();
-        let scores = match reranker.layer_scores(&sample.query, &sample.documents, &sample.opts) {
+        let t = Instant::now();
+        let rerun = reranker.layer_scores(&sample.query, &sample.documents, &sample.opts);
+        spent += t.elapsed().as_secs_f64();
+        let scores = match rerun {
             Ok((s, _)) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "self-calibration re-run failed");
@@ -146,7 +168,7 @@ fn run_worker(
                 margin = snap.margin,
                 "self-calibration"
             );
-            if let Err(e) = save(&reranker, &profile_dir, &snap) {
+            if let Err(e) = save(&reranker, &settings.profile_dir, &snap) {
                 tracing::warn!(error = %e, "cannot save the learned pruning profile");
             }
         }

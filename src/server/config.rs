@@ -46,6 +46,9 @@ pub struct ServerConfig {
     /// Self-calibration: the share of requests re-run without pruning (in idle time) to
     /// measure it; 0 turns self-calibration off. It runs only with the margin rule.
     pub calibration_sample: f64,
+    /// Self-calibration: the share of wall time re-runs may take when the server is never
+    /// idle (re-runs otherwise wait for idle moments).
+    pub calibration_busy_share: f64,
     /// Where the learned profile is written (default: where the model's profile was read from,
     /// [`crate::Reranker::profile_dir`]).
     pub profile_dir: Option<std::path::PathBuf>,
@@ -72,6 +75,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             target_agreement: 0.99,
             calibration_sample: 0.05,
+            calibration_busy_share: super::calibration::DEFAULT_BUSY_SHARE,
             profile_dir: None,
         }
     }

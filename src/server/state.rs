@@ -3,7 +3,7 @@
 //! lets the engine handle change without touching the handlers.
 
 use super::api::{Info, Limits, TeiClassifier, TeiInfo, TeiModelType};
-use super::calibration::Calibrator;
+use super::calibration::{Calibrator, Settings};
 use super::config::ServerConfig;
 use super::metrics::{self, Metrics};
 use super::request::Prepared;
@@ -65,27 +65,30 @@ impl AppState {
             && cfg.prune.mode != PruneMode::Off
             && cfg.prune.schedule.is_empty();
         let valid = (0.0..=1.0).contains(&cfg.calibration_sample)
+            && (0.0..=1.0).contains(&cfg.calibration_busy_share)
             && cfg.target_agreement > 0.0
             && cfg.target_agreement <= 1.0;
         if !valid {
             return Err(crate::GratingError::InvalidInput(
-                "the calibration sample share must be in [0, 1] and the target agreement in (0, 1]"
+                "the calibration sample and busy shares must be in [0, 1] and the target agreement in (0, 1]"
                     .into(),
             ));
         }
         let calibrator = calibrates.then(|| {
             let idle_permits = permits.clone();
             let all = cfg.max_concurrent_requests.max(1);
-            Calibrator::start(
-                reranker.clone(),
-                cfg.prune.clone(),
-                cfg.target_agreement,
-                cfg.calibration_sample,
-                cfg.profile_dir
+            let settings = Settings {
+                target: cfg.target_agreement,
+                sample: cfg.calibration_sample,
+                busy_share: cfg.calibration_busy_share,
+                profile_dir: cfg
+                    .profile_dir
                     .clone()
                     .unwrap_or_else(|| reranker.profile_dir().to_path_buf()),
-                move || idle_permits.available_permits() == all,
-            )
+            };
+            Calibrator::start(reranker.clone(), cfg.prune.clone(), settings, move || {
+                idle_permits.available_permits() == all
+            })
         });
         Ok(Arc::new(AppState {
             engine,
