@@ -43,6 +43,7 @@ class GratingRanker:
         exact: no pruning: full inference's top K and scores.
         meta_fields_to_embed: meta fields whose values are put before the content, joined by
             ``embedding_separator`` (as Haystack's rankers).
+        score_threshold: return only documents scoring at least this (unless ``run`` says).
         reranker_kwargs: :class:`grating.Reranker` arguments for ``model``.
     """
 
@@ -53,6 +54,7 @@ class GratingRanker:
         exact: bool = False,
         meta_fields_to_embed: Optional[List[str]] = None,
         embedding_separator: str = "\n",
+        score_threshold: Optional[float] = None,
         reranker: Any = None,
         reranker_kwargs: Optional[Dict[str, Any]] = None,
     ) -> None:
@@ -66,6 +68,7 @@ class GratingRanker:
         self.exact = exact
         self.meta_fields_to_embed = list(meta_fields_to_embed or [])
         self.embedding_separator = embedding_separator
+        self.score_threshold = score_threshold
         self.reranker_kwargs = dict(reranker_kwargs or {})
         self._reranker = reranker
 
@@ -79,6 +82,7 @@ class GratingRanker:
             exact=self.exact,
             meta_fields_to_embed=self.meta_fields_to_embed,
             embedding_separator=self.embedding_separator,
+            score_threshold=self.score_threshold,
             reranker_kwargs=self.reranker_kwargs,
         )
 
@@ -97,9 +101,14 @@ class GratingRanker:
 
     @component.output_types(documents=List[Document])
     def run(
-        self, query: str, documents: List[Document], top_k: Optional[int] = None
+        self,
+        query: str,
+        documents: List[Document],
+        top_k: Optional[int] = None,
+        score_threshold: Optional[float] = None,
     ) -> Dict[str, List[Document]]:
-        """The ``top_k`` of ``documents`` for ``query``, best first, with ``score`` set."""
+        """The ``top_k`` of ``documents`` for ``query``, best first, with ``score`` set (and at
+        least ``score_threshold``, when given here or at construction)."""
         k = check_top_n("top_k", self.top_k if top_k is None else top_k)
         if not documents:
             return {"documents": []}
@@ -110,8 +119,8 @@ class GratingRanker:
             top_k=min(k, len(documents)),
             exact=self.exact,
         )
-        return {
-            "documents": [
-                dataclasses.replace(documents[r["corpus_id"]], score=r["score"]) for r in ranked
-            ]
-        }
+        threshold = self.score_threshold if score_threshold is None else score_threshold
+        out = [dataclasses.replace(documents[r["corpus_id"]], score=r["score"]) for r in ranked]
+        if threshold is not None:
+            out = [d for d in out if d.score >= threshold]
+        return {"documents": out}

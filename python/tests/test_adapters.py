@@ -140,6 +140,11 @@ def test_haystack_ranker_in_a_pipeline(reranker, corpus):
     ranker.warm_up()
     assert len(ranker.run(query=query, documents=retrieved, top_k=2)["documents"]) == 2
     assert ranker.run(query=query, documents=[])["documents"] == []
+    ten = ranker.run(query=query, documents=retrieved, top_k=10)["documents"]
+    cut = sorted(d.score for d in ten)[-2]
+    above = ranker.run(query=query, documents=retrieved, top_k=10, score_threshold=cut)["documents"]
+    assert [d.id for d in above] == [d.id for d in ten if d.score >= cut]
+    assert len(above) >= 2
     with pytest.raises(ValueError):
         ranker.run(query=query, documents=retrieved, top_k=0)
     # The pipeline serializes with the model's name.
