@@ -149,10 +149,8 @@ def _check_text(name: str, value: Any) -> str:
 
 
 def _check_documents(documents: Any) -> List[str]:
-    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
-        raise TypeError(
-            f"documents must be a list of str, got {type(documents).__name__}"
-        )
+    if isinstance(documents, (str, bytes)) or not hasattr(documents, "__iter__"):
+        raise TypeError(f"documents must be a list of str, got {type(documents).__name__}")
     docs = list(documents)
     for i, d in enumerate(docs):
         if not isinstance(d, str):
@@ -454,7 +452,7 @@ class Reranker:
             and all(isinstance(s, str) for s in sentences)
         )
         pairs_in = [sentences] if single else sentences
-        if isinstance(pairs_in, (str, bytes)) or not isinstance(pairs_in, Sequence):
+        if isinstance(pairs_in, (str, bytes)) or not hasattr(pairs_in, "__iter__"):
             raise TypeError(
                 f"sentences must be a list of (query, document) pairs, got {type(sentences).__name__}"
             )
@@ -524,7 +522,7 @@ class Reranker:
             apply: make this reranker's later ``rank``/``rerank`` calls use the rule.
             show_progress_bar: a tqdm bar over the recorded requests.
         """
-        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
+        if isinstance(requests, (str, bytes)) or not hasattr(requests, "__iter__"):
             raise TypeError("requests must be a list of (query, documents) pairs")
         reqs: List[Tuple[str, List[str]]] = []
         for i, r in enumerate(requests):

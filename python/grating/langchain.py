@@ -54,7 +54,7 @@ class GratingRerank(BaseDocumentCompressor):
     exact: bool = False
 
     @model_validator(mode="after")
-    def _load(self) -> "GratingRerank":
+    def load_reranker(self) -> "GratingRerank":
         check_top_n("top_n", self.top_n)
         if self.model is not None or self.reranker is None:
             self.reranker = resolve_reranker(self.reranker, self.model, self.reranker_kwargs)
