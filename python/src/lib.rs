@@ -479,13 +479,16 @@ impl NativeReranker {
                 .write()
                 .unwrap_or_else(PoisonError::into_inner) = Some(fit.config.clone());
         }
-        to_json(&serde_json::json!({
-            "config": fit.config,
-            "held_out": fit.held_out,
-            "met": fit.met,
-            "requests": recs.len(),
-            "profile_path": saved,
-        }))
+        // Each part serialized on its own: through `json!` the f32s would become f64 digits
+        // that differ from the profile's and `prune_json`'s.
+        Ok(format!(
+            r#"{{"config": {}, "held_out": {}, "met": {}, "requests": {}, "profile_path": {}}}"#,
+            to_json(&fit.config)?,
+            to_json(&fit.held_out)?,
+            fit.met,
+            recs.len(),
+            to_json(&saved)?,
+        ))
     }
 
     /// The 0-1 relevance score of a logit (the model's calibration, else the sigmoid).

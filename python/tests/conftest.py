@@ -15,6 +15,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import pytest
 
+# No telemetry from the frameworks under test (these machines reach no analytics service).
+os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
+os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
+
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("GRATING_SHARED", REPO.parent / "shared"))
 LAYERWISE = SHARED / "models" / "minilm-l6-msmarco-layerwise"

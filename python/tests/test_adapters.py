@@ -83,9 +83,7 @@ def test_llama_index_postprocessor_in_a_query_engine(reranker, corpus):
 
     # The README's snippet.
     rerank = GratingRerank(reranker=reranker, top_n=3)
-    engine = index.as_query_engine(
-        similarity_top_k=len(texts), node_postprocessors=[rerank], llm=MockLLM(), response_mode="no_text"
-    )
+    engine = index.as_query_engine(llm=MockLLM(), similarity_top_k=len(texts), node_postprocessors=[rerank])
     response = engine.query(query)
 
     contents = {n.node_id: n.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes}

@@ -136,14 +136,14 @@ def test_empty_document_list(reranker):
 def test_memory_budget_refusal_matches_the_cli(layerwise, grating_bin, profile_dir, dl19, tmp_path):
     query, docs = candidates(dl19, 0, 100)
     f = write_docs(tmp_path / "docs.jsonl", docs)
-    tiny = grating.Reranker(layerwise, profile_dir=profile_dir, max_memory="64MiB")
+    tiny = grating.Reranker(layerwise, profile_dir=profile_dir, max_memory="16MiB")
     with pytest.raises(ValueError) as e:
         tiny.rank(query, docs, top_k=10)
     assert e.value.kind == "memory_budget"
     stderr = cli_error(
         grating_bin,
         ["rerank", "--model", layerwise, "--profile-dir", profile_dir, "--docs", f,
-         "--query", query, "--top-k", "10", "--max-memory", "64MiB"],
+         "--query", query, "--top-k", "10", "--max-memory", "16MiB"],
     )
     # The minimum counts the process's resident memory, which differs between the two
     # processes; the rest of the message is the CLI's.
