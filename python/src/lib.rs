@@ -115,8 +115,8 @@ impl PairProgress<'_> {
 
 impl Progress for PairProgress<'_> {
     fn step(&self, done: usize, total: usize) {
-        if total > 0 {
-            self.advance_to(self.pairs * done / total);
+        if let Some(pairs) = (self.pairs * done).checked_div(total) {
+            self.advance_to(pairs);
         }
     }
 }
@@ -324,13 +324,10 @@ impl NativeReranker {
                 })
                 .push(i);
         }
-        let execution = match batch_size {
-            Some(b) => Some(Execution {
-                batch_size: b,
-                ..*self.reranker.execution()
-            }),
-            None => None,
-        };
+        let execution = batch_size.map(|b| Execution {
+            batch_size: b,
+            ..*self.reranker.execution()
+        });
         let opts = RerankOptions {
             top_k: None,
             mode: Mode::Full,
