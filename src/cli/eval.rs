@@ -198,13 +198,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 if n_here <= k {
                     continue;
                 }
-                let o = calibrate::outcome(cfg, &rec, k);
+                let rep = replay(cfg, &rec.layer_scores, k);
+                let o = calibrate::outcome_of(&rep, &rec, k);
+                let ranking = rep.ranking;
                 row.agreement += o.agreement;
                 row.min_agreement = row.min_agreement.min(o.agreement);
                 computed += o.computed;
                 possible += o.possible;
                 row.queries += 1;
-                let ranking = replay(cfg, &rec.layer_scores, k).ranking;
                 if let (Some(data), Some(qid)) = (&data, &req.qid) {
                     let qrels = &data.qrels[qid];
                     let last = rec.layer_scores.last().expect("layers");

@@ -125,9 +125,13 @@ pub struct Outcome {
 
 /// Replays `cfg` on one recording at `k`.
 pub fn outcome(cfg: &PruneConfig, rec: &Recording, k: usize) -> Outcome {
+    outcome_of(&replay(cfg, &rec.layer_scores, k), rec, k)
+}
+
+/// The outcome of a replay already made of `rec` at `k`.
+pub fn outcome_of(rep: &super::state::Replay, rec: &Recording, k: usize) -> Outcome {
     let last = rec.layer_scores.last().expect("at least one layer");
     let full = super::best_first(last);
-    let rep = replay(cfg, &rec.layer_scores, k);
     let got: Vec<usize> = rep.ranking.iter().map(|x| x.0).collect();
     Outcome {
         agreement: topk_agreement(&got, &full, k),

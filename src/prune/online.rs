@@ -170,14 +170,16 @@ impl SelfCalibration {
             .count();
         self.window.push_back((confirmed as u32, k as u32));
         // Keep at least WINDOW members once there are that many.
-        while let Some(&(_, oldest)) = self.window.front() {
-            if self.counts().1 - oldest as u64 >= WINDOW as u64 {
+        let (mut s, mut n) = self.counts();
+        while let Some(&(c, oldest)) = self.window.front() {
+            if n - oldest as u64 >= WINDOW as u64 {
                 self.window.pop_front();
+                s -= c as u64;
+                n -= oldest as u64;
             } else {
                 break;
             }
         }
-        let (s, n) = self.counts();
         let (lo, hi) = wilson(s, n);
         let below = (s as f64) < self.target * n as f64;
         let from = self.base.margin;
